@@ -1,0 +1,151 @@
+"""onnxruntime latency, measured interleaved so that two models share the machine's noise.
+
+Timing A for ten seconds and then B for ten seconds on a shared 2-core machine measures the
+machine as much as the models. Here every iteration runs each model once, alternating which
+goes first, so drift (thermal, other processes) hits both alike, and the ratio B/A is the
+median of per-iteration ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from . import runtime
+from .errors import UserError
+
+_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class Timing:
+    model: str
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+
+
+@dataclass
+class BenchReport:
+    threads: int
+    timings: List[Timing]
+    ratio: Optional[float]
+    """Median over iterations of time(B) / time(A); None for a single model."""
+    ratio_of_medians: Optional[float]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def random_feed(session, input_shapes: Optional[Dict[str, Sequence[int]]] = None, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random inputs of the session's input shapes; dynamic dims need ``input_shapes``."""
+    rng = np.random.default_rng(seed)
+    input_shapes = input_shapes or {}
+    feed = {}
+    for meta in session.get_inputs():
+        if meta.name in input_shapes:
+            shape = list(input_shapes[meta.name])
+        else:
+            shape = []
+            for axis, dim in enumerate(meta.shape):
+                if isinstance(dim, int) and dim > 0:
+                    shape.append(dim)
+                elif axis == 0:
+                    shape.append(1)
+                else:
+                    raise UserError(
+                        f"input '{meta.name}' has dynamic dims {meta.shape}; pass --input-shape {meta.name}:1x3x224x224"
+                    )
+        dtype = _TYPES.get(meta.type, np.float32)
+        if np.dtype(dtype).kind == "f":
+            feed[meta.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feed[meta.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feed[meta.name] = rng.integers(0, 10, shape).astype(dtype)
+    return feed
+
+
+def benchmark(
+    models: Sequence[Union[str, bytes, onnx.ModelProto]],
+    *,
+    threads: int = 1,
+    warmup: int = 5,
+    runs: Optional[int] = None,
+    seconds: float = 5.0,
+    input_shapes: Optional[Dict[str, Sequence[int]]] = None,
+    labels: Optional[Sequence[str]] = None,
+) -> BenchReport:
+    """Median / p90 latency of one or two models, interleaved, and the ratio B/A."""
+    if not 1 <= len(models) <= 2:
+        raise UserError("bench takes one or two models")
+    if threads < 1:
+        raise UserError(f"--threads {threads}: must be >= 1")
+    sessions = []
+    for index, model in enumerate(models):
+        try:
+            sessions.append(runtime.make_session(model, threads=threads))
+        except Exception as exc:
+            name = labels[index] if labels else f"model {index + 1}"
+            raise UserError(f"onnxruntime cannot load {name}: {str(exc).splitlines()[0][:200]}")
+    feed = random_feed(sessions[0], input_shapes)
+    if len(sessions) == 2:
+        names_a = {m.name for m in sessions[0].get_inputs()}
+        names_b = {m.name for m in sessions[1].get_inputs()}
+        if names_a != names_b:
+            raise UserError(f"the two models have different inputs: {sorted(names_a)} vs {sorted(names_b)}")
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+
+    if runs is None:
+        started = time.perf_counter()
+        for session in sessions:
+            session.run(None, feed)
+        one_round = max(time.perf_counter() - started, 1e-6)
+        runs = int(min(max(seconds / one_round, 20), 5000))
+    times: List[List[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for iteration in range(runs):
+        for index in order if iteration % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            sessions[index].run(None, feed)
+            times[index].append(time.perf_counter() - start)
+
+    labels = list(labels) if labels else [_label(m, i) for i, m in enumerate(models)]
+    timings = [
+        Timing(
+            model=labels[i],
+            median_ms=1e3 * statistics.median(t),
+            p90_ms=1e3 * float(np.percentile(t, 90)),
+            mean_ms=1e3 * statistics.fmean(t),
+            runs=len(t),
+        )
+        for i, t in enumerate(times)
+    ]
+    ratio = ratio_of_medians = None
+    if len(sessions) == 2:
+        ratio = statistics.median(b / a for a, b in zip(times[0], times[1]))
+        ratio_of_medians = timings[1].median_ms / timings[0].median_ms
+    return BenchReport(threads=threads, timings=timings, ratio=ratio, ratio_of_medians=ratio_of_medians)
+
+
+def _label(model, index: int) -> str:
+    if isinstance(model, (bytes, onnx.ModelProto)):
+        return f"model {'AB'[index]}"
+    return str(model)

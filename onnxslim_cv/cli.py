@@ -1,0 +1,557 @@
+"""Command line: ``onnxslim-cv IN OUT --passes ...`` and the inspect / verify / bench / demo commands.
+
+Exit codes: 0 ok, 1 a verification gate failed, 2 bad input, usage or any other error.
+Errors print one line (``--debug`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from .errors import GateFailed, OnnxSlimCVError, UserError
+
+PROG = "onnxslim-cv"
+SUBCOMMANDS = ("inspect", "verify", "bench", "demo", "compress")
+DEFAULT_VERIFY_SAMPLES = 128
+
+log = logging.getLogger("onnxslim_cv")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors become one-line UserErrors (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=100)
+
+
+def _float_arg(flag: str, low: Optional[float] = None, high: Optional[float] = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects a number, got '{text}'")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be within [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _int_arg(flag: str, low: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects an integer, got '{text}'")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be >= {low}")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------------- shared argument groups
+def _add_general(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("general")
+    group.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    group.add_argument("--quiet", "-q", action="store_true", help="print only errors and the final verdict")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is not a terminal)")
+    group.add_argument("--seed", type=int, default=0, help="seed for random inputs and sampling (default: 0)")
+
+
+def _add_input_shape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:DIMS",
+        help="fix dynamic input dims, e.g. x:1x3x640x640 (repeat per input; NAME may be left out for one-input models)",
+    )
+
+
+def _add_data(parser: argparse.ArgumentParser, *, purpose: str) -> None:
+    from .calibration import add_data_arguments
+
+    group = parser.add_argument_group(
+        "calibration / validation data",
+        f"Real inputs for {purpose}. Image folders are preprocessed as: decode -> RGB (or gray for 1-channel "
+        "inputs) -> resize -> [BGR swap] -> x*scale -> (x-mean)/std -> layout.",
+    )
+    add_data_arguments(group)
+    group.add_argument(
+        "--random-inputs",
+        type=_int_arg("--random-inputs"),
+        metavar="N",
+        help="use N random inputs instead of real data (weak: random data says little about accuracy; a warning is printed)",
+    )
+
+
+def _add_thresholds(parser: argparse.ArgumentParser, group_title: str) -> argparse._ArgumentGroup:
+    from .verify import DEFAULT_MIN_COSINE
+
+    group = parser.add_argument_group(group_title)
+    group.add_argument(
+        "--min-cosine",
+        type=_float_arg("--min-cosine", -1.0, 1.0),
+        default=DEFAULT_MIN_COSINE,
+        metavar="C",
+        help=f"fail when any output's mean per-sample cosine similarity is below C (default: {DEFAULT_MIN_COSINE})",
+    )
+    group.add_argument(
+        "--min-top1-agreement",
+        type=_float_arg("--min-top1-agreement", 0.0, 1.0),
+        metavar="F",
+        help="fail when the candidate's top-1 class agrees with the reference's on fewer than F of the samples (e.g. 0.99)",
+    )
+    group.add_argument(
+        "--max-latency-ratio",
+        type=_float_arg("--max-latency-ratio", 0.0),
+        metavar="R",
+        help="fail when candidate/reference onnxruntime latency (1 thread, interleaved) exceeds R (e.g. 1.0)",
+    )
+    group.add_argument(
+        "--verify-size",
+        type=_int_arg("--verify-size"),
+        default=DEFAULT_VERIFY_SAMPLES,
+        metavar="N",
+        help=f"samples used by verification (default: {DEFAULT_VERIFY_SAMPLES})",
+    )
+    return group
+
+
+# ---------------------------------------------------------------------- parsers
+def _compress_parser() -> argparse.ArgumentParser:
+    from .pipeline import available_passes
+
+    passes = available_passes()
+    pass_lines = "\n".join(f"  {name:10s} {cls.summary}" for name, cls in passes.items())
+    parser = _Parser(
+        prog=PROG,
+        formatter_class=_HelpFormatter,
+        usage=(
+            f"{PROG} IN OUT [--passes fold,...] [--calib DATA] [options]\n"
+            f"       {PROG} inspect MODEL [--json]\n"
+            f"       {PROG} verify REF CAND [--calib DATA | --random-inputs N] [thresholds] [--json]\n"
+            f"       {PROG} bench A [B] [--threads N]\n"
+            f"       {PROG} demo OUTDIR"
+        ),
+        description=(
+            "Compress an ONNX computer-vision model with graph-level passes, then verify the result against the\n"
+            "original in onnxruntime before writing it.\n\n"
+            f"passes (run in the order given to --passes):\n{pass_lines}\n\n"
+            "commands (see '{0} COMMAND --help'):\n"
+            "  inspect    params, MACs per layer, op histogram, opset/IR, sparsity, size\n"
+            "  verify     compare a candidate with a reference model: the pre-deployment CI gate\n"
+            "  bench      onnxruntime latency of one model, or of two interleaved with their ratio\n"
+            "  demo       run every pass on the built-in digits classifier and show accuracy before/after"
+        ).format(PROG),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} model.onnx slim.onnx --passes fold --random-inputs 8\n"
+            f"  {PROG} model.onnx slim.onnx --passes fold --calib images/ --input-size 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4\n"
+            f"  {PROG} model.onnx slim.onnx --passes fold --calib samples.npz --min-cosine 0.999 --report-json report.json\n\n"
+            "exit codes: 0 ok, 1 a verification gate failed (nothing written unless --keep-failed),\n"
+            "            2 bad input or usage (one-line error; --debug shows the traceback)"
+        ),
+    )
+    parser.add_argument("input", metavar="IN", help="the model to compress (.onnx; external data next to it is read)")
+    parser.add_argument("output", metavar="OUT", help="where to write the compressed model (written only if verification passes)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--passes",
+        default="fold",
+        metavar="LIST",
+        help=f"comma-separated passes to run in order (default: fold; available: {', '.join(passes)})",
+    )
+    _add_input_shape(parser)
+    for name, cls in passes.items():
+        if not cls.options:
+            continue
+        group = parser.add_argument_group(f"pass '{name}'", cls.summary)
+        for option in cls.options:
+            kwargs: Dict[str, Any] = {"dest": _option_dest(name, option.name), "default": None}
+            default = "on" if option.is_switch and option.default else option.default
+            kwargs["help"] = f"{option.help} (default: {default})"
+            if option.is_switch:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["metavar"] = option.metavar or option.name.upper()
+                if option.choices:
+                    kwargs["choices"] = list(option.choices)
+            group.add_argument(option.cli_flag(name), **kwargs)
+    _add_data(parser, purpose="calibrating passes and for verification")
+    group = _add_thresholds(parser, "verification (runs after compressing unless --no-verify)")
+    group.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    group.add_argument("--keep-failed", action="store_true", help="write OUT even when a gate fails (still exits 1)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--force", action="store_true", help="allow OUT to be the same file as IN (replaces it)")
+    out.add_argument("--report-json", metavar="PATH", help="write the full report (passes, stats, verification) as JSON")
+    out.add_argument(
+        "--external-data",
+        action="store_true",
+        help="store weights in OUT.data next to OUT (automatic for models over ~1.8 GB)",
+    )
+    _add_general(parser)
+    return parser
+
+
+def _option_dest(pass_name: str, option_name: str) -> str:
+    return f"pass__{pass_name}__{option_name}"
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} inspect",
+        formatter_class=_HelpFormatter,
+        description="Show a model's params, MACs (per layer and in total), op histogram, opset/IR, weight sparsity and size.",
+        epilog=f"example:\n  {PROG} inspect model.onnx --input-shape x:1x3x640x640",
+    )
+    parser.add_argument("model", metavar="MODEL")
+    _add_input_shape(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--no-layers", action="store_true", help="leave out the per-layer table")
+    _add_general(parser)
+    return parser
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} verify",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Run REF and CAND in onnxruntime on the same inputs and compare every output: max abs error,\n"
+            "cosine similarity (mean and worst sample), SNR in dB, top-1/top-5 agreement for classifier outputs.\n"
+            "Use it as the pre-deployment CI gate: exit 0 pass, 1 a threshold failed, 2 bad input."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} verify model.onnx slim.onnx --calib val.npz --min-cosine 0.999 --min-top1-agreement 0.99\n"
+            f"  {PROG} verify model.onnx slim.onnx --random-inputs 16 --max-latency-ratio 1.0 --json"
+        ),
+    )
+    parser.add_argument("reference", metavar="REF")
+    parser.add_argument("candidate", metavar="CAND")
+    _add_input_shape(parser)
+    _add_data(parser, purpose="verification")
+    _add_thresholds(parser, "gate thresholds")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_general(parser)
+    return parser
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} bench",
+        formatter_class=_HelpFormatter,
+        description=(
+            "onnxruntime CPU latency (median, p90). With two models, runs alternate A and B in one process and\n"
+            "report the ratio B/A, so machine noise hits both alike."
+        ),
+        epilog=f"example:\n  {PROG} bench model.onnx slim.onnx --threads 1",
+    )
+    parser.add_argument("models", metavar="MODEL", nargs="+", help="one model, or two (A B) to compare")
+    parser.add_argument("--threads", type=_int_arg("--threads"), default=1, help="intra-op threads (default: 1)")
+    parser.add_argument("--runs", type=_int_arg("--runs"), help="timed runs per model (default: as many as fit in --seconds)")
+    parser.add_argument("--seconds", type=_float_arg("--seconds", 0.1), default=5.0, help="time budget when --runs is not given (default: 5)")
+    parser.add_argument("--warmup", type=_int_arg("--warmup", 0), default=5, help="untimed runs first (default: 5)")
+    _add_input_shape(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    _add_general(parser)
+    return parser
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} demo",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Run every available pass on the built-in model, a small CNN trained by this project on scikit-learn's\n"
+            "8x8 digits, calibrated on its training images, and report accuracy on its held-out test set before\n"
+            "and after. Writes the original, the compressed model and report.json into OUTDIR."
+        ),
+    )
+    parser.add_argument("outdir", metavar="OUTDIR")
+    _add_general(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+def _setup_logging(args) -> None:
+    level = logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _progress(args) -> Optional[bool]:
+    return False if (getattr(args, "no_progress", False) or getattr(args, "quiet", False)) else None
+
+
+def _print(args, text: str = "") -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def _load(path: str, args, what: str = "model"):
+    from .model_io import load_model, parse_input_shapes
+
+    model = load_model(path, what=what)
+    if getattr(args, "input_shape", None):
+        model.set_input_shapes(parse_input_shapes(args.input_shape, [spec.name for spec in model.input_specs()]))
+    return model
+
+
+def _data(args, specs, *, purpose: str):
+    """Real data from --calib, random data only with --random-inputs, else None."""
+    from .calibration import data_from_args, random_data
+
+    data = data_from_args(args, specs)
+    if data is not None and getattr(args, "random_inputs", None):
+        raise UserError("give either --calib or --random-inputs, not both")
+    if data is None and getattr(args, "random_inputs", None):
+        log.warning(
+            f"using {args.random_inputs} random inputs for {purpose}: this checks the graph, not accuracy; "
+            "pass --calib with real samples"
+        )
+        data = random_data(specs, args.random_inputs, seed=args.seed)
+    if data is not None:
+        _peek(data)
+    return data
+
+
+def _peek(data) -> None:
+    """Read the first item now, so bad data fails before minutes of work."""
+    for _ in data:
+        return
+    raise UserError(f"{data.description}: no samples")
+
+
+def _thresholds(args):
+    from .verify import Thresholds
+
+    return Thresholds(
+        min_cosine=args.min_cosine,
+        min_top1_agreement=args.min_top1_agreement,
+        max_latency_ratio=args.max_latency_ratio,
+    )
+
+
+def _pass_options(args, selected: List[str]) -> Dict[str, Dict[str, Any]]:
+    from .pipeline import available_passes
+
+    options: Dict[str, Dict[str, Any]] = {}
+    for name, cls in available_passes().items():
+        for option in cls.options:
+            value = getattr(args, _option_dest(name, option.name), None)
+            if value is None or (option.is_switch and value is False):
+                continue
+            if name not in selected:
+                raise UserError(f"{option.cli_flag(name)} belongs to pass '{name}', which is not in --passes")
+            options.setdefault(name, {})[option.name] = value
+    return options
+
+
+def cmd_compress(args) -> int:
+    from .model_io import StagedModel, check_output_path, file_size
+    from .pipeline import PassContext, make_passes, parse_pass_list, run_passes
+    from .report import environment, format_passes, format_verification, human_bytes, write_json
+    from .verify import verify
+
+    started = time.perf_counter()
+    selected = parse_pass_list(args.passes)
+    options = _pass_options(args, selected)
+    passes = make_passes(selected, options)
+    if not Path(args.input).exists():
+        raise UserError(f"model '{args.input}' does not exist")
+    check_output_path(args.output, input_path=args.input, force=args.force)
+    if args.report_json:
+        check_output_path(args.report_json, input_path=args.input)
+    thresholds = _thresholds(args)
+    thresholds.validate()
+    model = _load(args.input, args)
+    data = _data(args, model.input_specs(), purpose="calibration and verification")
+    needs = [p.name for p in passes if p.requires_calibration]
+    if needs and data is None:
+        raise UserError(f"pass {', '.join(needs)} needs calibration data: add --calib PATH")
+
+    context = PassContext(calibration=data, seed=args.seed, progress=_progress(args))
+    result, reports = run_passes(model, passes, context=context)
+    _print(args, f"{args.input} -> {args.output}")
+    _print(args, format_passes(reports))
+
+    report: Dict[str, Any] = {
+        "environment": environment(),
+        "input": {"path": args.input, "size_bytes": file_size(args.input)},
+        "passes": [r.to_dict() for r in reports],
+        "verification": None,
+    }
+    exit_code = 0
+    with StagedModel(result, args.output, external_data=True if args.external_data else None) as staged:
+        if args.no_verify:
+            log.warning("verification skipped (--no-verify)")
+            report["verification_skipped"] = "--no-verify"
+        elif data is None:
+            log.warning(
+                "verification skipped: no inputs; pass --calib DATA (real samples) or --random-inputs N to verify the result"
+            )
+            report["verification_skipped"] = "no data"
+        else:
+            verification = verify(
+                args.input,
+                str(staged.path),
+                data.limited(args.verify_size),
+                thresholds=thresholds,
+                progress=_progress(args),
+            )
+            report["verification"] = verification.to_dict()
+            _print(args, format_verification(verification))
+            if not verification.passed:
+                exit_code = 1
+        written = exit_code == 0 or args.keep_failed
+        if written:
+            staged.commit()
+            size = file_size(args.output)
+            report["output"] = {"path": args.output, "size_bytes": size, "written": True}
+            note = " (gate failed, kept because of --keep-failed)" if exit_code else ""
+            _print(args, f"wrote {args.output} ({human_bytes(size)}){note}")
+        else:
+            report["output"] = {"path": args.output, "written": False}
+            print(f"{PROG}: verification gate failed; {args.output} not written (use --keep-failed to write it anyway)", file=sys.stderr)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["exit_code"] = exit_code
+    if args.report_json:
+        write_json(report, args.report_json)
+    return exit_code
+
+
+def cmd_inspect(args) -> int:
+    from .model_io import file_size
+    from .report import format_inspect, to_json
+    from .stats import model_stats
+
+    model = _load(args.model, args)
+    stats = model_stats(model, size_bytes=file_size(args.model))
+    if args.json:
+        data = stats.to_dict(layers=not args.no_layers)
+        data["path"] = args.model
+        print(to_json(data))
+    else:
+        print(format_inspect(args.model, stats, layers=not args.no_layers))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .report import format_verification, to_json
+    from .verify import verify
+
+    thresholds = _thresholds(args)
+    thresholds.validate()
+    reference = _load(args.reference, args, what="reference")
+    _load(args.candidate, args, what="candidate")
+    data = _data(args, reference.input_specs(), purpose="verification")
+    if data is None:
+        raise UserError("verify needs inputs: --calib PATH (real samples) or --random-inputs N")
+    report = verify(
+        args.reference, args.candidate, data.limited(args.verify_size), thresholds=thresholds, progress=_progress(args)
+    )
+    if args.json:
+        print(to_json(report.to_dict()))
+    else:
+        print(format_verification(report))
+    return 0 if report.passed else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import benchmark
+    from .model_io import parse_input_shapes
+    from .report import format_bench, to_json
+
+    if len(args.models) > 2:
+        raise UserError(f"bench takes one or two models, got {len(args.models)}")
+    models = [_load(path, args, what=label) for path, label in zip(args.models, ("model A", "model B"))]
+    shapes = parse_input_shapes(args.input_shape, [s.name for s in models[0].input_specs()]) if args.input_shape else None
+    report = benchmark(
+        args.models,
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        seconds=args.seconds,
+        input_shapes=shapes,
+        labels=args.models,
+    )
+    print(to_json(report.to_dict()) if args.json else format_bench(report.to_dict()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.outdir, progress=_progress(args), quiet=args.quiet)
+
+
+_COMMANDS = {
+    "inspect": (_inspect_parser, cmd_inspect),
+    "verify": (_verify_parser, cmd_verify),
+    "bench": (_bench_parser, cmd_bench),
+    "demo": (_demo_parser, cmd_demo),
+}
+
+
+def _dispatch(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if argv and argv[0] in _COMMANDS:
+        make_parser, command = _COMMANDS[argv[0]]
+        args = make_parser().parse_args(argv[1:])
+    else:
+        if argv and argv[0] == "compress":
+            argv = argv[1:]
+        if not argv:
+            _compress_parser().print_usage(sys.stderr)
+            raise UserError(f"missing IN and OUT (see '{PROG} --help')")
+        command = cmd_compress
+        args = _compress_parser().parse_args(argv)
+    _setup_logging(args)
+    return command(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return _dispatch(argv)
+    except GateFailed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OnnxSlimCVError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    except Exception as exc:  # an internal error: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"{PROG}: error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

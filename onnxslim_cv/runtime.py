@@ -1,0 +1,142 @@
+"""onnxruntime facts and sessions: what the installed runtime loads, and how we run models.
+
+The emitted IR version and opset must be ones the installed onnxruntime accepts (onnx 1.23
+stamps IR 14 on new models; onnxruntime 1.31 refuses it). Rather than keeping a version table
+that goes stale, we ask the runtime once per process with a one-node model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from .errors import UserError
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+# onnxruntime warns loudly about old opsets and initializers listed as inputs; our own
+# messages say what matters, so sessions log errors only.
+_LOG_ERRORS_ONLY = 3
+
+
+def _probe_model(ir_version: int, opset: int) -> bytes:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+def _loads(model_bytes: bytes) -> bool:
+    try:
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = _LOG_ERRORS_ONLY
+        ort.InferenceSession(model_bytes, session_options, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """Highest model IR version the installed onnxruntime loads."""
+    for ir in range(onnx.IR_VERSION, 2, -1):
+        if _loads(_probe_model(ir, 13)):
+            return ir
+    raise RuntimeError("onnxruntime loads no IR version at all; the installation is broken")
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """Highest ai.onnx opset the installed onnxruntime loads."""
+    ir = max_ir_version()
+    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
+        if _loads(_probe_model(ir, opset)):
+            return opset
+    raise RuntimeError("onnxruntime loads no ai.onnx opset at all; the installation is broken")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 1
+
+
+def check_runtime_can_load(model: onnx.ModelProto, what: str) -> None:
+    """Refuse a model whose IR version or opset the installed onnxruntime cannot load."""
+    if model.ir_version > max_ir_version():
+        raise UserError(
+            f"{what} has IR version {model.ir_version}; onnxruntime {ort.__version__} loads at most "
+            f"IR {max_ir_version()} (re-export it, or set model.ir_version = {max_ir_version()})"
+        )
+    opset = default_opset(model)
+    if opset > max_opset():
+        raise UserError(
+            f"{what} uses ai.onnx opset {opset}; onnxruntime {ort.__version__} supports at most "
+            f"opset {max_opset()}"
+        )
+    if opset < 7:
+        raise UserError(
+            f"{what} uses ai.onnx opset {opset}; onnxruntime only supports opset 7 and newer "
+            "(convert it with onnx.version_converter first)"
+        )
+
+
+def make_session(
+    model: ModelSource,
+    *,
+    threads: Optional[int] = None,
+    optimize: bool = True,
+    optimized_model_path: Optional[str] = None,
+) -> ort.InferenceSession:
+    """A CPU session. ``threads`` pins intra-op threads (benchmarks use 1 for stable numbers)."""
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = _LOG_ERRORS_ONLY
+    if threads is not None:
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = 1
+    session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session_options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized_model_path:
+        session_options.optimized_model_filepath = optimized_model_path
+    if isinstance(model, onnx.ModelProto):
+        source: Union[str, bytes] = model.SerializeToString()
+    elif isinstance(model, (str, os.PathLike)):
+        source = str(Path(model))
+    else:
+        source = model
+    return ort.InferenceSession(source, session_options, providers=["CPUExecutionProvider"])
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def run(session: ort.InferenceSession, feed: Dict[str, np.ndarray], outputs: Optional[Sequence[str]] = None):
+    """Run with inputs cast to what the session declares (npz files often hold float64)."""
+    typed = {}
+    for meta in session.get_inputs():
+        if meta.name in feed:
+            dtype = _ORT_TYPES.get(meta.type)
+            value = feed[meta.name]
+            typed[meta.name] = np.ascontiguousarray(value, dtype=dtype) if dtype is not None else value
+    return session.run(list(outputs) if outputs else None, typed)

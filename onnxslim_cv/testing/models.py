@@ -1,0 +1,748 @@
+"""Small, deterministic computer-vision test models built with ``onnx.helper`` and numpy.
+
+The compression passes (BatchNormalization folding, structured channel pruning, quantization)
+need models that contain the graph patterns found in real exported CNNs - bias-free Conv + BN,
+residual Adds, Concats, depthwise and grouped convs, squeeze-excite gates, Flatten/Reshape into
+fully-connected layers, Resize, ConvTranspose, multi-output heads - but are small enough that a
+test builds, transforms and runs them in milliseconds. Every builder here returns such a model.
+
+Conventions shared by all builders:
+
+* Keyword-only arguments ``opset`` (11 to 21), ``seed`` and ``batch``; a ``str`` batch makes the
+  leading dim of inputs and outputs symbolic (dynamic batch).
+* Same arguments give a byte-identical ``SerializeToString()``; weights come from
+  ``np.random.default_rng(seed)``.
+* Weights look trained rather than freshly initialised: He-scaled conv/gemm weights and
+  BatchNormalization nodes (kept unfolded) with non-trivial gamma, beta, running mean and
+  running variance, so that folding changes numbers and activations stay well scaled.
+* PyTorch-export-like names: graph input ``input``, nodes ``conv1``, ``bn1``, ``relu1``...,
+  initializers ``conv1.weight``, ``bn1.running_var``...; a node's output tensor carries the node's
+  name unless it is a graph output.
+* ``ir_version`` is :data:`DEFAULT_IR_VERSION` (onnx 1.23 would stamp an IR version that
+  onnxruntime 1.31 refuses), only the default domain is imported, no ``value_info`` is stored
+  and the graph outputs declare their full shapes.
+
+Use :data:`BUILDERS` / :func:`build` to iterate over all models and :func:`sample_inputs` to get
+matching random inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DEFAULT_IR_VERSION = 8
+"""IR version stamped on every built model (accepted by onnxruntime 1.31 for all opsets here)."""
+
+MIN_OPSET = 11
+"""Oldest supported opset: Clip takes min/max as inputs and Resize has its roi input from here."""
+
+MAX_OPSET = 21
+"""Newest opset the builders are tested against."""
+
+IN_CHANNELS = 3
+"""Channels of the ``input`` image tensor of every model."""
+
+Batch = Union[int, str]
+
+__all__ = [
+    "BUILDERS",
+    "DEFAULT_IR_VERSION",
+    "IN_CHANNELS",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "build",
+    "conv_chain",
+    "conv_transpose",
+    "detection_head",
+    "flatten_gemm",
+    "group_conv",
+    "mobilenetv2_block",
+    "mobilenetv3_block",
+    "reshape_matmul",
+    "resnet_basic_block",
+    "resnet_bottleneck_block",
+    "sample_inputs",
+    "squeezenet_fire",
+    "unet_like",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Graph construction helper
+# --------------------------------------------------------------------------------------------
+
+
+class _GraphBuilder:
+    """Accumulates nodes and initializers with PyTorch-like names and seeded weights."""
+
+    def __init__(self, name: str, *, opset: int, seed: int, batch: Batch) -> None:
+        if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+            raise ValueError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
+        if isinstance(batch, bool) or not (
+            (isinstance(batch, int) and batch >= 1) or (isinstance(batch, str) and batch)
+        ):
+            raise ValueError(f"batch must be a positive int or a non-empty str, got {batch!r}")
+        self.name = name
+        self.opset = opset
+        self.batch = batch
+        self.rng = np.random.default_rng(seed)
+        self.nodes: List[onnx.NodeProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self._counters: Dict[str, int] = {}
+        self._used_names: set = set()
+
+    # -- naming and raw nodes ------------------------------------------------------------------
+
+    def fresh(self, prefix: str) -> str:
+        count = self._counters.get(prefix, 0) + 1
+        self._counters[prefix] = count
+        return f"{prefix}{count}"
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        if name in self._used_names:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        self._used_names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        name: str,
+        output: Optional[str] = None,
+        **attrs,
+    ) -> str:
+        """Add one single-output node; its output tensor is ``output`` or else ``name``."""
+        out = output or name
+        if out in self._used_names:
+            raise ValueError(f"duplicate tensor name {out!r}")
+        self._used_names.add(out)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
+        return out
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _he_normal(self, shape: Tuple[int, ...], fan_in: int) -> np.ndarray:
+        return self.rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape).astype(np.float32)
+
+    def _bias(self, n: int, fan_in: int) -> np.ndarray:
+        bound = 1.0 / math.sqrt(fan_in)
+        return self.rng.uniform(-bound, bound, size=n).astype(np.float32)
+
+    # -- layers --------------------------------------------------------------------------------
+
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        pad: Optional[int] = None,
+        group: int = 1,
+        bias: bool = True,
+        output: Optional[str] = None,
+    ) -> str:
+        if cin % group or cout % group:
+            raise ValueError(f"channels {cin}->{cout} not divisible by group {group}")
+        name = self.fresh("conv")
+        fan_in = cin // group * kernel * kernel
+        inputs = [x, self.initializer(f"{name}.weight", self._he_normal((cout, cin // group, kernel, kernel), fan_in))]
+        if bias:
+            inputs.append(self.initializer(f"{name}.bias", self._bias(cout, fan_in)))
+        pad = kernel // 2 if pad is None else pad
+        return self.node(
+            "Conv",
+            inputs,
+            name,
+            output,
+            dilations=[1, 1],
+            group=group,
+            kernel_shape=[kernel, kernel],
+            pads=[pad] * 4,
+            strides=[stride, stride],
+        )
+
+    def conv_transpose(
+        self, x: str, cin: int, cout: int, kernel: int, *, stride: int, pad: int, bias: bool = False
+    ) -> str:
+        name = self.fresh("deconv")
+        # Each output pixel sums cin * (kernel / stride)^2 products: scale for that fan-in.
+        fan_in = max(1, round(cin * (kernel / stride) ** 2))
+        inputs = [x, self.initializer(f"{name}.weight", self._he_normal((cin, cout, kernel, kernel), fan_in))]
+        if bias:
+            inputs.append(self.initializer(f"{name}.bias", self._bias(cout, fan_in)))
+        return self.node(
+            "ConvTranspose",
+            inputs,
+            name,
+            dilations=[1, 1],
+            group=1,
+            kernel_shape=[kernel, kernel],
+            pads=[pad] * 4,
+            strides=[stride, stride],
+        )
+
+    def bn(self, x: str, channels: int, output: Optional[str] = None) -> str:
+        name = self.fresh("bn")
+        rng = self.rng
+        gamma = rng.uniform(0.5, 1.5, channels)
+        beta = rng.uniform(-0.3, 0.3, channels)
+        mean = rng.uniform(-0.3, 0.3, channels)
+        var = rng.uniform(0.5, 2.0, channels)
+        inputs = [x]
+        for suffix, value in (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var)):
+            inputs.append(self.initializer(f"{name}.{suffix}", value.astype(np.float32)))
+        return self.node("BatchNormalization", inputs, name, output, epsilon=1e-5, momentum=0.9)
+
+    def relu(self, x: str, output: Optional[str] = None) -> str:
+        return self.node("Relu", [x], self.fresh("relu"), output)
+
+    def relu6(self, x: str, output: Optional[str] = None) -> str:
+        """``Clip(x, 0, 6)`` as exported for ReLU6 (min/max are inputs from opset 11)."""
+        name = self.fresh("clip")
+        lo = self.initializer(f"{name}.min", np.array(0.0, dtype=np.float32))
+        hi = self.initializer(f"{name}.max", np.array(6.0, dtype=np.float32))
+        return self.node("Clip", [x, lo, hi], name, output)
+
+    def hardsigmoid(self, x: str, output: Optional[str] = None) -> str:
+        return self.node("HardSigmoid", [x], self.fresh("hardsigmoid"), output, alpha=1.0 / 6.0, beta=0.5)
+
+    def hardswish(self, x: str, output: Optional[str] = None) -> str:
+        """HardSwish op from opset 14; below, the ``x * HardSigmoid(x)`` decomposition."""
+        name = self.fresh("hardswish")
+        if self.opset >= 14:
+            return self.node("HardSwish", [x], name, output)
+        gate = self.node("HardSigmoid", [x], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
+        return self.node("Mul", [x, gate], f"{name}.mul", output or name)
+
+    def sigmoid(self, x: str, output: Optional[str] = None) -> str:
+        return self.node("Sigmoid", [x], self.fresh("sigmoid"), output)
+
+    def add(self, a: str, b: str, output: Optional[str] = None) -> str:
+        return self.node("Add", [a, b], self.fresh("add"), output)
+
+    def mul(self, a: str, b: str, output: Optional[str] = None) -> str:
+        return self.node("Mul", [a, b], self.fresh("mul"), output)
+
+    def concat(self, xs: Sequence[str], axis: int, output: Optional[str] = None) -> str:
+        return self.node("Concat", list(xs), self.fresh("concat"), output, axis=axis)
+
+    def global_avg_pool(self, x: str) -> str:
+        return self.node("GlobalAveragePool", [x], self.fresh("avgpool"))
+
+    def max_pool(self, x: str, kernel: int, stride: int, pad: int = 0) -> str:
+        return self.node(
+            "MaxPool",
+            [x],
+            self.fresh("maxpool"),
+            kernel_shape=[kernel, kernel],
+            pads=[pad] * 4,
+            strides=[stride, stride],
+        )
+
+    def flatten(self, x: str) -> str:
+        return self.node("Flatten", [x], self.fresh("flatten"), axis=1)
+
+    def reshape(self, x: str, shape: Sequence[int], output: Optional[str] = None) -> str:
+        name = self.fresh("reshape")
+        target = self.initializer(f"{name}.shape", np.array(shape, dtype=np.int64))
+        return self.node("Reshape", [x, target], name, output)
+
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        return self.node("Transpose", [x], self.fresh("transpose"), perm=list(perm))
+
+    def gemm(self, x: str, fin: int, fout: int, *, he: bool = True, output: Optional[str] = None) -> str:
+        """``nn.Linear`` as exported: Gemm with a [out, in] weight and transB=1."""
+        name = self.fresh("fc")
+        w = self.rng.normal(0.0, math.sqrt((2.0 if he else 1.0) / fin), size=(fout, fin)).astype(np.float32)
+        inputs = [
+            x,
+            self.initializer(f"{name}.weight", w),
+            self.initializer(f"{name}.bias", self._bias(fout, fin)),
+        ]
+        return self.node("Gemm", inputs, name, output, alpha=1.0, beta=1.0, transB=1)
+
+    def matmul_add(self, x: str, fin: int, fout: int, output: Optional[str] = None) -> str:
+        """A linear layer as MatMul with a [in, out] weight followed by a bias Add."""
+        name = self.fresh("matmul")
+        w = self.rng.normal(0.0, math.sqrt(1.0 / fin), size=(fin, fout)).astype(np.float32)
+        y = self.node("MatMul", [x, self.initializer(f"{name}.weight", w)], name)
+        bias = self.initializer(f"{name}.bias", self._bias(fout, fin))
+        return self.node("Add", [y, bias], self.fresh("add"), output)
+
+    def resize_nearest_x2(self, x: str) -> str:
+        """Nearest ×2 upsampling via scales, as ``nn.Upsample(scale_factor=2)`` exports it."""
+        name = self.fresh("resize")
+        if self.opset >= 13:
+            roi = ""  # optional from opset 13
+        else:
+            roi = self.initializer(f"{name}.roi", np.zeros(0, dtype=np.float32))
+        scales = self.initializer(f"{name}.scales", np.array([1.0, 1.0, 2.0, 2.0], dtype=np.float32))
+        return self.node(
+            "Resize",
+            [x, roi, scales],
+            name,
+            coordinate_transformation_mode="asymmetric",
+            mode="nearest",
+            nearest_mode="floor",
+        )
+
+    def conv_bn_act(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        group: int = 1,
+        bias: bool = False,
+        act: Optional[str] = "relu",
+        output: Optional[str] = None,
+    ) -> str:
+        """Bias-free (by default) Conv -> BatchNormalization -> optional activation."""
+        y = self.conv(x, cin, cout, kernel, stride=stride, group=group, bias=bias)
+        if act is None:
+            return self.bn(y, cout, output=output)
+        y = self.bn(y, cout)
+        return {"relu": self.relu, "relu6": self.relu6, "hardswish": self.hardswish}[act](y, output=output)
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def _graph(self, image_size: int, outputs: Sequence[onnx.ValueInfoProto], batch: Batch) -> onnx.GraphProto:
+        inp = helper.make_tensor_value_info(
+            "input", TensorProto.FLOAT, [batch, IN_CHANNELS, image_size, image_size]
+        )
+        return helper.make_graph(self.nodes, self.name, [inp], list(outputs), initializer=self.initializers)
+
+    def _model(self, graph: onnx.GraphProto) -> onnx.ModelProto:
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", self.opset)],
+            producer_name="onnxslim_cv.testing",
+        )
+        model.ir_version = DEFAULT_IR_VERSION
+        return model
+
+    def finish(self, image_size: int, outputs: Sequence[str]) -> onnx.ModelProto:
+        """Wrap the graph in a model whose outputs declare full shapes.
+
+        The output shapes come from running shape inference on a batch-1 copy, so every
+        non-batch dim is concrete even behind Reshapes; the leading dim is then replaced by the
+        requested ``batch`` (int or symbol).
+        """
+        untyped = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        probe = onnx.shape_inference.infer_shapes(
+            self._model(self._graph(image_size, untyped, 1)), strict_mode=True
+        )
+        declared = []
+        for out in probe.graph.output:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
+            if not dims or dims[0] != 1 or any(d is None or d <= 0 for d in dims):
+                raise AssertionError(f"{self.name}: could not infer a static shape for {out.name!r}: {dims}")
+            elem_type = out.type.tensor_type.elem_type
+            declared.append(helper.make_tensor_value_info(out.name, elem_type, [self.batch] + dims[1:]))
+        return self._model(self._graph(image_size, declared, self.batch))
+
+
+def _check_divisible(builder: str, image_size: int, stride: int) -> None:
+    if image_size <= 0 or image_size % stride:
+        raise ValueError(f"{builder}: image_size must be a positive multiple of {stride}, got {image_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+def conv_chain(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: Sequence[int] = (8, 16, 16),
+) -> onnx.ModelProto:
+    """Plain Conv-BN-Relu chain: the simplest BN-folding and pruning case.
+
+    The first convs carry a bias (folding must merge it) and the last one is bias-free, the
+    common PyTorch export, so folding must create a bias. Output ``output`` is the feature map.
+    """
+    g = _GraphBuilder("conv_chain", opset=opset, seed=seed, batch=batch)
+    x, cin = "input", IN_CHANNELS
+    for i, cout in enumerate(channels):
+        last = i == len(channels) - 1
+        y = g.bn(g.conv(x, cin, cout, 3, bias=not last), cout)
+        x, cin = g.relu(y, output="output" if last else None), cout
+    return g.finish(image_size, ["output"])
+
+
+def _basic_block(g: _GraphBuilder, x: str, cin: int, cout: int, stride: int) -> str:
+    y = g.conv_bn_act(x, cin, cout, 3, stride=stride)
+    y = g.conv_bn_act(y, cout, cout, 3, act=None)
+    shortcut = x
+    if stride != 1 or cin != cout:
+        shortcut = g.bn(g.conv(x, cin, cout, 1, stride=stride, pad=0, bias=False), cout)
+    return g.relu(g.add(y, shortcut))
+
+
+def _classifier(g: _GraphBuilder, x: str, channels: int, num_classes: int, output: str = "logits") -> str:
+    return g.gemm(g.flatten(g.global_avg_pool(x)), channels, num_classes, he=False, output=output)
+
+
+def resnet_basic_block(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    width: int = 8,
+    num_classes: int = 10,
+) -> onnx.ModelProto:
+    """ResNet basic blocks: residual Adds tie the channels of the two branches together.
+
+    Stem, an identity block (pruning its second conv must also prune the stem) and a stride-2
+    block with a 1x1 conv+BN projection shortcut, then GAP/Flatten/Gemm head -> ``logits``.
+    """
+    _check_divisible("resnet_basic_block", image_size, 2)
+    g = _GraphBuilder("resnet_basic_block", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, width, 3)
+    x = _basic_block(g, x, width, width, 1)
+    x = _basic_block(g, x, width, 2 * width, 2)
+    _classifier(g, x, 2 * width, num_classes)
+    return g.finish(image_size, ["logits"])
+
+
+def resnet_bottleneck_block(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    width: int = 8,
+    expansion: int = 4,
+    num_classes: int = 10,
+) -> onnx.ModelProto:
+    """ResNet bottleneck: 1x1 reduce / 3x3 / 1x1 expand, where only the inner convs prune freely.
+
+    The stride sits on the 3x3 (torchvision v1.5) and on the 1x1 projection shortcut; the
+    block's output channels are bound by the residual Add. GAP/Flatten/Gemm -> ``logits``.
+    """
+    _check_divisible("resnet_bottleneck_block", image_size, 2)
+    g = _GraphBuilder("resnet_bottleneck_block", opset=opset, seed=seed, batch=batch)
+    stem, out = 2 * width, expansion * width
+    x = g.conv_bn_act("input", IN_CHANNELS, stem, 3)
+    y = g.conv_bn_act(x, stem, width, 1)
+    y = g.conv_bn_act(y, width, width, 3, stride=2)
+    y = g.conv_bn_act(y, width, out, 1, act=None)
+    shortcut = g.bn(g.conv(x, stem, out, 1, stride=2, pad=0, bias=False), out)
+    x = g.relu(g.add(y, shortcut))
+    _classifier(g, x, out, num_classes)
+    return g.finish(image_size, ["logits"])
+
+
+def _inverted_residual(
+    g: _GraphBuilder, x: str, cin: int, cout: int, expand: int, stride: int, output: Optional[str] = None
+) -> str:
+    """Expand 1x1 -> depthwise 3x3 -> linear 1x1 projection (no residual here)."""
+    y = g.conv_bn_act(x, cin, expand, 1, act="relu6")
+    y = g.conv_bn_act(y, expand, expand, 3, stride=stride, group=expand, act="relu6")
+    return g.conv_bn_act(y, expand, cout, 1, act=None, output=output)
+
+
+def mobilenetv2_block(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 8,
+    expand_ratio: int = 4,
+    out_channels: int = 16,
+) -> onnx.ModelProto:
+    """MobileNetV2 inverted residuals: depthwise convs (group == channels) and ReLU6 as Clip.
+
+    A depthwise conv's channels can only be pruned together with the expand conv feeding it.
+    The first block (stride 1) has a residual Add, the second (stride 2) has none.
+    Output ``output`` is the feature map.
+    """
+    _check_divisible("mobilenetv2_block", image_size, 2)
+    g = _GraphBuilder("mobilenetv2_block", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, act="relu6")
+    expand = channels * expand_ratio
+    x = g.add(_inverted_residual(g, x, channels, channels, expand, 1), x)
+    _inverted_residual(g, x, channels, out_channels, expand, 2, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def mobilenetv3_block(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+    expand_channels: int = 32,
+    se_channels: int = 8,
+) -> onnx.ModelProto:
+    """MobileNetV3 block: HardSwish and a squeeze-excite gate multiplied into the depthwise path.
+
+    The SE convs (with bias) and the Mul bind the depthwise channels to the SE expand conv.
+    HardSwish is the real op from opset 14 and ``x * HardSigmoid(x)`` below it; the SE gate is
+    HardSigmoid(alpha=1/6, beta=0.5). Output ``output`` follows the residual Add.
+    """
+    g = _GraphBuilder("mobilenetv3_block", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, act="hardswish")
+    y = g.conv_bn_act(x, channels, expand_channels, 1, act="hardswish")
+    y = g.conv_bn_act(y, expand_channels, expand_channels, 3, group=expand_channels, act="hardswish")
+    s = g.global_avg_pool(y)
+    s = g.relu(g.conv(s, expand_channels, se_channels, 1, pad=0, bias=True))
+    s = g.hardsigmoid(g.conv(s, se_channels, expand_channels, 1, pad=0, bias=True))
+    y = g.mul(y, s)
+    g.add(g.conv_bn_act(y, expand_channels, channels, 1, act=None), x, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def _fire(g: _GraphBuilder, x: str, cin: int, squeeze: int, expand: int) -> Tuple[str, int]:
+    s = g.relu(g.conv(x, cin, squeeze, 1, pad=0))
+    e1 = g.relu(g.conv(s, squeeze, expand, 1, pad=0))
+    e3 = g.relu(g.conv(s, squeeze, expand, 3))
+    return g.concat([e1, e3], axis=1), 2 * expand
+
+
+def squeezenet_fire(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 32,
+    num_classes: int = 10,
+) -> onnx.ModelProto:
+    """SqueezeNet Fire modules: channel Concats, biased convs and no BatchNormalization at all.
+
+    Pruning a Concat input shifts the channel ranges the next squeeze conv reads. Stem conv
+    (stride 2) + MaxPool, two Fire modules, conv 1x1 classifier -> Relu -> GAP -> Flatten ->
+    Softmax -> ``probs``.
+    """
+    _check_divisible("squeezenet_fire", image_size, 4)
+    g = _GraphBuilder("squeezenet_fire", opset=opset, seed=seed, batch=batch)
+    x = g.relu(g.conv("input", IN_CHANNELS, 16, 3, stride=2))
+    x = g.max_pool(x, 3, 2, pad=1)
+    x, c = _fire(g, x, 16, 4, 8)
+    x, c = _fire(g, x, c, 6, 12)
+    x = g.relu(g.conv(x, c, num_classes, 1, pad=0))
+    x = g.flatten(g.global_avg_pool(x))
+    g.node("Softmax", [x], g.fresh("softmax"), "probs", axis=1)
+    return g.finish(image_size, ["probs"])
+
+
+def group_conv(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+    groups: int = 4,
+) -> onnx.ModelProto:
+    """Grouped (not depthwise) 3x3 conv: channels can only be pruned evenly per group.
+
+    1x1 conv-bn-relu, grouped 3x3 conv-bn-relu, 1x1 conv-bn -> ``output``.
+    """
+    if channels % groups or groups in (1, channels):
+        raise ValueError(f"group_conv: need 1 < groups < channels dividing channels, got {groups}, {channels}")
+    g = _GraphBuilder("group_conv", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 1)
+    x = g.conv_bn_act(x, channels, channels, 3, group=groups)
+    g.conv_bn_act(x, channels, channels, 1, act=None, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def flatten_gemm(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 8,
+    hidden: int = 32,
+    num_classes: int = 10,
+) -> onnx.ModelProto:
+    """Flatten of an unpooled feature map into Gemm: one conv channel owns H*W Gemm columns.
+
+    Stride-2 conv-bn-relu -> Flatten -> Gemm -> Relu -> Gemm -> ``logits``.
+    """
+    _check_divisible("flatten_gemm", image_size, 2)
+    g = _GraphBuilder("flatten_gemm", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
+    features = channels * (image_size // 2) ** 2
+    x = g.relu(g.gemm(g.flatten(x), features, hidden))
+    g.gemm(x, hidden, num_classes, he=False, output="logits")
+    return g.finish(image_size, ["logits"])
+
+
+def reshape_matmul(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 8,
+    num_classes: int = 10,
+    explicit_features: bool = True,
+) -> onnx.ModelProto:
+    """Reshape + MatMul + Add instead of Flatten + Gemm: the pruner must rewrite a shape constant.
+
+    Stride-2 conv-bn-relu -> Reshape -> MatMul with a [C*H*W, K] weight -> Add -> ``logits``.
+    ``explicit_features`` picks the Reshape target: ``[-1, C*H*W]`` (must be updated when
+    channels are pruned) or ``[0, -1]`` (stays valid).
+    """
+    _check_divisible("reshape_matmul", image_size, 2)
+    g = _GraphBuilder("reshape_matmul", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
+    features = channels * (image_size // 2) ** 2
+    x = g.reshape(x, [-1, features] if explicit_features else [0, -1])
+    g.matmul_add(x, features, num_classes, output="logits")
+    return g.finish(image_size, ["logits"])
+
+
+def unet_like(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 32,
+    base_channels: int = 8,
+) -> onnx.ModelProto:
+    """Tiny U-Net: a skip connection concatenated with a Resize-upsampled decoder path.
+
+    Encoder conv-bn-relu (skip) -> MaxPool 2x2 -> conv-bn-relu -> Resize nearest x2 (roi is an
+    empty initializer at opset 11-12, omitted from 13) -> Concat [up, skip] -> conv-bn-relu ->
+    1x1 conv to one channel -> Sigmoid -> ``mask``.
+    """
+    _check_divisible("unet_like", image_size, 2)
+    g = _GraphBuilder("unet_like", opset=opset, seed=seed, batch=batch)
+    c = base_channels
+    skip = g.conv_bn_act("input", IN_CHANNELS, c, 3)
+    x = g.max_pool(skip, 2, 2)
+    x = g.conv_bn_act(x, c, 2 * c, 3)
+    x = g.resize_nearest_x2(x)
+    x = g.concat([x, skip], axis=1)
+    x = g.conv_bn_act(x, 3 * c, c, 3)
+    g.sigmoid(g.conv(x, c, 1, 1, pad=0), output="mask")
+    return g.finish(image_size, ["mask"])
+
+
+def conv_transpose(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 8,
+    kernel_size: int = 4,
+) -> onnx.ModelProto:
+    """Bias-free ConvTranspose + BN: its weight is [Cin, Cout, k, k], so BN scales axis 1.
+
+    Stride-2 conv-bn-relu -> ConvTranspose (stride 2, even kernel, pads (k-2)/2, restores the
+    input size) -> BN -> Relu -> 3x3 conv -> ``output``.
+    """
+    if kernel_size < 2 or kernel_size % 2:
+        raise ValueError(f"conv_transpose: kernel_size must be even and >= 2, got {kernel_size}")
+    _check_divisible("conv_transpose", image_size, 2)
+    g = _GraphBuilder("conv_transpose", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
+    x = g.conv_transpose(x, channels, channels, kernel_size, stride=2, pad=(kernel_size - 2) // 2)
+    x = g.relu(g.bn(x, channels))
+    g.conv(x, channels, IN_CHANNELS, 3, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def detection_head(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 32,
+    channels: Tuple[int, int] = (8, 16),
+    num_classes: int = 3,
+    num_anchors: int = 2,
+) -> onnx.ModelProto:
+    """Two-level detector head: feature maps feed both the next stage and head convs.
+
+    Levels at stride 2 and 4; per level a class conv -> Sigmoid and a box conv, each Transposed
+    to NHWC and Reshaped (``[0, -1, K]``) to [N, H*W*A, K], then Concatenated across levels.
+    The head convs' output channels encode anchors x classes and must never be pruned.
+    Outputs ``scores`` [N, anchors, num_classes] and ``boxes`` [N, anchors, 4].
+    """
+    _check_divisible("detection_head", image_size, 4)
+    g = _GraphBuilder("detection_head", opset=opset, seed=seed, batch=batch)
+    levels = []
+    x, cin = "input", IN_CHANNELS
+    for cout in channels:
+        x, cin = g.conv_bn_act(x, cin, cout, 3, stride=2), cout
+        levels.append((x, cout))
+    scores, boxes = [], []
+    for feat, c in levels:
+        cls = g.sigmoid(g.conv(feat, c, num_anchors * num_classes, 3))
+        scores.append(g.reshape(g.transpose(cls, [0, 2, 3, 1]), [0, -1, num_classes]))
+        box = g.conv(feat, c, num_anchors * 4, 3)
+        boxes.append(g.reshape(g.transpose(box, [0, 2, 3, 1]), [0, -1, 4]))
+    g.concat(scores, axis=1, output="scores")
+    g.concat(boxes, axis=1, output="boxes")
+    return g.finish(image_size, ["scores", "boxes"])
+
+
+BUILDERS: Dict[str, Callable[..., onnx.ModelProto]] = {
+    "conv_chain": conv_chain,
+    "resnet_basic_block": resnet_basic_block,
+    "resnet_bottleneck_block": resnet_bottleneck_block,
+    "mobilenetv2_block": mobilenetv2_block,
+    "mobilenetv3_block": mobilenetv3_block,
+    "squeezenet_fire": squeezenet_fire,
+    "group_conv": group_conv,
+    "flatten_gemm": flatten_gemm,
+    "reshape_matmul": reshape_matmul,
+    "unet_like": unet_like,
+    "conv_transpose": conv_transpose,
+    "detection_head": detection_head,
+}
+"""All test-model builders by name."""
+
+
+def build(name: str, **kwargs) -> onnx.ModelProto:
+    """Build the model ``BUILDERS[name](**kwargs)``; unknown names raise ``KeyError``."""
+    try:
+        builder = BUILDERS[name]
+    except KeyError:
+        raise KeyError(f"unknown test model {name!r}; available: {', '.join(BUILDERS)}") from None
+    return builder(**kwargs)
+
+
+def sample_inputs(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Deterministic standard-normal inputs for every graph input of ``model``.
+
+    Symbolic or unknown dims take the value ``batch``. Float inputs get N(0, 1) values in their
+    dtype (float32 for all models here); other element types are rejected.
+    """
+    rng = np.random.default_rng(seed)
+    initializer_names = {init.name for init in model.graph.initializer}
+    feeds: Dict[str, np.ndarray] = {}
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if not np.issubdtype(dtype, np.floating):
+            raise TypeError(f"sample_inputs: input {value.name!r} has non-float dtype {dtype}")
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds

@@ -1,0 +1,7 @@
+"""Compression passes. Each module defines one pass and registers it by name.
+
+Installed as ``onnxslim_cv.passes`` (see ``[tool.setuptools.package-dir]``); import order is
+the order ``onnxslim-cv --help`` and ``demo`` list them in.
+"""
+
+from . import fold  # noqa: F401

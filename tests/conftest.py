@@ -1,0 +1,96 @@
+"""Shared fixtures: model files built with onnx.helper, CLI runner, output comparison."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_cv import runtime
+from onnxslim_cv.cli import main
+from onnxslim_cv.pipeline import _REGISTRY
+from onnxslim_cv.testing import models
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Callable[..., Path]:
+    """Write a builder's model (or any ModelProto) to a file and return the path."""
+
+    def write(model_or_name, name: Optional[str] = None, **kwargs) -> Path:
+        proto = models.build(model_or_name, **kwargs) if isinstance(model_or_name, str) else model_or_name
+        path = tmp_path / (name or (f"{model_or_name}.onnx" if isinstance(model_or_name, str) else "model.onnx"))
+        onnx.save(proto, str(path))
+        return path
+
+    return write
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, err={self.err!r})"
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., CliResult]:
+    """Run the CLI in-process; returns exit code and captured output."""
+
+    def run(*args) -> CliResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, *fragments: str) -> None:
+    """Bad input: exit 2, exactly one error line on stderr, no traceback."""
+    assert result.code == 2, result
+    errors = [line for line in result.err.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.err
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_model(model, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    source = model if isinstance(model, (str, Path)) else model
+    session = runtime.make_session(str(source) if isinstance(source, Path) else source)
+    return runtime.run(session, feeds)
+
+
+def max_relative_error(reference: List[np.ndarray], candidate: List[np.ndarray]) -> float:
+    """Largest |ref - cand| over the largest |ref|, across outputs."""
+    worst = 0.0
+    for ref, cand in zip(reference, candidate):
+        assert ref.shape == cand.shape
+        scale = max(float(np.abs(ref).max()), 1e-12)
+        worst = max(worst, float(np.abs(ref.astype(np.float64) - cand).max()) / scale)
+    return worst
+
+
+@pytest.fixture
+def temporary_pass():
+    """Register a pass class for one test, then remove it from the registry."""
+    added: List[str] = []
+
+    def register(cls):
+        from onnxslim_cv.pipeline import register_pass
+
+        register_pass(cls)
+        added.append(cls.name)
+        return cls
+
+    yield register
+    for name in added:
+        _REGISTRY.pop(name, None)

@@ -1,0 +1,48 @@
+"""Interleaved latency measurement (structure only: timings on a shared machine are noisy)."""
+
+import pytest
+
+from onnxslim_cv.bench import benchmark, random_feed
+from onnxslim_cv.errors import UserError
+from onnxslim_cv import runtime
+from onnxslim_cv.testing import models
+
+
+def test_one_model():
+    report = benchmark([models.conv_chain()], runs=20, warmup=1)
+    (timing,) = report.timings
+    assert timing.runs == 20 and 0 < timing.median_ms <= timing.p90_ms
+    assert report.ratio is None
+
+
+def test_two_models_give_a_ratio():
+    small, big = models.conv_chain(), models.resnet_bottleneck_block(image_size=32)
+    report = benchmark([small, models.conv_chain()], runs=30, warmup=2)
+    assert report.ratio > 0 and report.ratio_of_medians > 0
+    assert [t.runs for t in report.timings] == [30, 30]
+    with pytest.raises(UserError, match="different inputs"):
+        other = models.conv_chain()
+        other.graph.input[0].name = "other"
+        other.graph.node[0].input[0] = "other"
+        benchmark([big, other], runs=2)
+
+
+def test_time_budget_decides_the_run_count():
+    report = benchmark([models.conv_chain()], seconds=0.2, warmup=1)
+    assert report.timings[0].runs >= 20
+
+
+def test_dynamic_dims_need_a_shape():
+    model = models.unet_like()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    session = runtime.make_session(model)
+    with pytest.raises(UserError, match="--input-shape"):
+        random_feed(session)
+    assert random_feed(session, {"input": (1, 3, 32, 32)})["input"].shape == (1, 3, 32, 32)
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="one or two"):
+        benchmark([])
+    with pytest.raises(UserError, match="--threads"):
+        benchmark([models.conv_chain()], threads=0)

@@ -1,0 +1,45 @@
+"""What the installed onnxruntime loads, found by asking it."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxslim_cv import runtime
+from onnxslim_cv.testing import models
+
+
+def relu_model(ir_version: int, opset: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", opset)],
+    )
+    model.ir_version = ir_version
+    return model
+
+
+def test_max_ir_version_loads_and_the_next_one_does_not():
+    top = runtime.max_ir_version()
+    runtime.make_session(relu_model(top, 13))
+    if top + 1 <= onnx.IR_VERSION:
+        with pytest.raises(Exception):
+            runtime.make_session(relu_model(top + 1, 13))
+
+
+def test_max_opset_loads_and_the_next_one_does_not():
+    top = runtime.max_opset()
+    runtime.make_session(relu_model(runtime.max_ir_version(), top))
+    if top + 1 <= onnx.defs.onnx_opset_version():
+        with pytest.raises(Exception):
+            runtime.make_session(relu_model(runtime.max_ir_version(), top + 1))
+
+
+def test_run_casts_inputs_to_the_declared_dtype():
+    model = models.conv_chain()
+    session = runtime.make_session(model)
+    x = models.sample_inputs(model)["input"]
+    (as_float32,) = runtime.run(session, {"input": x})
+    (from_float64,) = runtime.run(session, {"input": x.astype(np.float64)})
+    np.testing.assert_allclose(as_float32, from_float64, rtol=1e-6)

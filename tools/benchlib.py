@@ -1,0 +1,183 @@
+"""Helpers every benchmark script in tools/ shares: model selection, markdown tables, latency
+ratios, temp folders and timing. Kept here so prune/quant/sparsify/lowrank benchmarks report
+the same columns the same way as ``bench.py`` and ``bench_fold.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # so `python tools/x.py` works without an editable install
+    sys.path.insert(0, str(REPO_ROOT))
+
+from onnxslim_cv.bench import BenchReport, benchmark  # noqa: E402
+from onnxslim_cv.testing import zoo  # noqa: E402
+
+DEFAULT_LATENCY_SECONDS = 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Model selection
+# --------------------------------------------------------------------------------------------
+
+
+def require_shared_models() -> Path:
+    """The shared folder, or exit 2 saying how to provide it (benchmarks have nothing to run on)."""
+    root = zoo.shared_models_dir()
+    if root is None:
+        print(
+            f"error: the shared models folder is absent; set ${zoo.ENV_VAR} or place it at "
+            f"{REPO_ROOT.parent / 'shared' / 'models'}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return root
+
+
+def select_models(names: Optional[str]) -> List[zoo.SharedModel]:
+    """``--models a,b`` -> registry entries (all available ones when None); exits on unknown keys."""
+    require_shared_models()
+    if not names:
+        return zoo.available()
+    selected = []
+    for name in (part.strip() for part in names.split(",")):
+        if not name:
+            continue
+        if name not in zoo.ZOO:
+            print(f"error: unknown model '{name}'; known: {', '.join(zoo.ZOO)}", file=sys.stderr)
+            sys.exit(2)
+        selected.append(zoo.ZOO[name])
+    return selected
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional[str] = None) -> str:
+    """A GitHub markdown table with padded columns (readable raw and rendered).
+
+    ``align`` holds 'l' or 'r' per column; default: first column left, the rest right.
+    """
+    align = align or "l" + "r" * (len(headers) - 1)
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(3, max(len(row[i]) for row in cells)) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        padded = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * (w - 1) + ":" if a == "r" else "-" * w for w, a in zip(widths, align)]
+    return "\n".join([line(cells[0]), "| " + " | ".join(rule) + " |"] + [line(r) for r in cells[1:]])
+
+
+def percent(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def ratio(after: Optional[float], before: Optional[float], digits: int = 2) -> str:
+    """``after / before`` as '0.87x' ('n/a' when unknown)."""
+    if after is None or before in (None, 0):
+        return "n/a"
+    return f"{after / before:.{digits}f}x"
+
+
+def count(value: Optional[float]) -> str:
+    """1234567 -> '1.23M' (tables stay narrow)."""
+    if value is None:
+        return "n/a"
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def size(num_bytes: Optional[float]) -> str:
+    if num_bytes is None:
+        return "n/a"
+    for threshold, suffix in ((1 << 20, "MiB"), (1 << 10, "KiB")):
+        if num_bytes >= threshold:
+            return f"{num_bytes / threshold:.2f} {suffix}"
+    return f"{num_bytes:.0f} B"
+
+
+def seconds(value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def write_json(path: Optional[str], data: Any) -> None:
+    """Write ``data`` (numpy scalars, inf and NaN allowed) to ``path``; no-op when None."""
+    if not path:
+        return
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value
+
+    Path(path).write_text(json.dumps(clean(data), indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def latency(
+    path_a, path_b, *, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
+    seconds: float = DEFAULT_LATENCY_SECONDS,
+) -> BenchReport:
+    """onnxruntime latency of B against A: 1 thread, interleaved, ``report.ratio`` = B / A."""
+    return benchmark(
+        [str(path_a), str(path_b)], threads=1, seconds=seconds, input_shapes=input_shapes,
+        labels=[Path(path_a).name, Path(path_b).name],
+    )
+
+
+@contextlib.contextmanager
+def temp_folder(prefix: str = "onnxslim-cv-bench-", keep: bool = False) -> Iterator[Path]:
+    """A scratch folder for models the benchmark writes; removed afterwards unless ``keep``."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        if keep:
+            print(f"kept models in {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self) -> "Timer":
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def progress(message: str) -> None:
+    """One status line on stderr, so stdout carries only the tables."""
+    print(message, file=sys.stderr, flush=True)
