@@ -175,10 +175,7 @@ class Model:
         """
         graph = self.graph
         graph.toposort()
-        proto = gs.export_onnx(graph, do_type_check=False)
-        proto.ir_version = max(proto.ir_version or 0, 4)
-        _strip_for_shape_inference(proto, keep_intermediate=not reset)
-        proto.ir_version = emit_ir_version(proto.ir_version, proto.opset_import)
+        proto = self.weightless_proto(keep_value_info=not reset)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
         except Exception:
@@ -214,6 +211,33 @@ class Model:
                     merged.append(dim if isinstance(dim, int) else (old if old is not None else dim))
                 tensor.shape = merged
 
+
+    def weightless_proto(self, *, keep_value_info: bool = True) -> onnx.ModelProto:
+        """The model as ONNX with its weights turned into typed graph inputs.
+
+        Shape inference and size estimates need the graph, not gigabytes of weights: built
+        from a graph copy, so no weight is ever serialized (models over 2 GB included).
+        Small integer constants stay, since shape inference reads their values.
+        """
+        graph = self.graph.copy()
+        weights: Dict[str, gs.Variable] = {}
+        for node in graph.nodes:
+            for index, tensor in enumerate(node.inputs):
+                if isinstance(tensor, gs.Constant) and _is_weight_like(tensor):
+                    if tensor.name not in weights:
+                        weights[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+                    node.inputs[index] = weights[tensor.name]
+        graph.inputs = list(graph.inputs) + list(weights.values())
+        proto = gs.export_onnx(graph, do_type_check=False)
+        proto.ir_version = emit_ir_version(max(proto.ir_version or 0, 4), proto.opset_import)
+        if not keep_value_info:
+            del proto.graph.value_info[:]
+        return proto
+
+    def estimated_size(self) -> int:
+        """Serialized size in bytes, without serializing the weights."""
+        weights = sum(int(t.values.nbytes) for t in self.constants() if _is_weight_like(t))
+        return self.weightless_proto().ByteSize() + weights
 
     def probe_shapes_with_runtime(self, tensors: List[gs.Tensor], *, seed: int = 0) -> bool:
         """Fill in shapes ONNX inference could not, by running the model once in onnxruntime.
@@ -293,22 +317,11 @@ def _type_from_value_info(value_info: onnx.ValueInfoProto):
     return dtype, shape
 
 
-def _strip_for_shape_inference(proto: onnx.ModelProto, *, keep_intermediate: bool) -> None:
-    """Turn big initializers into typed inputs; optionally drop stale intermediate shapes."""
-    graph = proto.graph
-    keep, moved = [], []
-    for init in graph.initializer:
-        size = int(np.prod(init.dims)) if len(init.dims) else 1
-        is_shape_data = init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-        if size >= _SHAPE_DATA_MAX_ELEMENTS and not is_shape_data:
-            moved.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            keep.append(init)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    graph.input.extend(moved)
-    if not keep_intermediate:
-        del graph.value_info[:]
+def _is_weight_like(tensor: gs.Constant) -> bool:
+    """Weights (moved out for shape inference) as opposed to shape arithmetic (kept)."""
+    values = tensor.values
+    is_shape_data = np.dtype(values.dtype) in (np.dtype(np.int64), np.dtype(np.int32))
+    return values.size >= _SHAPE_DATA_MAX_ELEMENTS and not is_shape_data
 
 
 def emit_ir_version(current: int, opset_imports) -> int:

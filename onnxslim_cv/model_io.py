@@ -63,9 +63,13 @@ def read_proto(path: PathLike, *, what: str = "model") -> onnx.ModelProto:
 
 
 def check_proto(proto: onnx.ModelProto, what: str, path: Optional[PathLike] = None) -> None:
-    """onnx.checker plus the installed onnxruntime's IR/opset limits."""
+    """onnx.checker plus the installed onnxruntime's IR/opset limits.
+
+    With a path, the checker reads the file itself: a model over 2 GB (external data) cannot
+    be serialized for an in-memory check.
+    """
     try:
-        if path is not None and proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if path is not None:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)

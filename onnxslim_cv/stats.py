@@ -179,11 +179,7 @@ def model_stats(model: Model, *, size_bytes: Optional[int] = None, refresh_shape
         layers.append(LayerStats(node.name, node.op, layer_params, macs, out_shape, sparsity))
 
     if size_bytes is None:
-        proto = model.to_proto()
-        try:
-            size_bytes = proto.ByteSize()
-        except Exception:
-            size_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+        size_bytes = model.estimated_size()
     return ModelStats(
         params=params,
         macs=macs_total,

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # so `python tools/x.py` works without an editable install
+if str(REPO_ROOT) not in sys.path:  # the repo copy of onnxslim_cv; passes/ still needs `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+from onnxslim_cv.report import human, human_bytes  # noqa: E402
 from onnxslim_cv.bench import BenchReport, benchmark  # noqa: E402
 from onnxslim_cv.testing import zoo  # noqa: E402
 
@@ -92,23 +93,9 @@ def ratio(after: Optional[float], before: Optional[float], digits: int = 2) -> s
     return f"{after / before:.{digits}f}x"
 
 
-def count(value: Optional[float]) -> str:
-    """1234567 -> '1.23M' (tables stay narrow)."""
-    if value is None:
-        return "n/a"
-    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.2f}{suffix}"
-    return f"{value:.0f}"
-
-
-def size(num_bytes: Optional[float]) -> str:
-    if num_bytes is None:
-        return "n/a"
-    for threshold, suffix in ((1 << 20, "MiB"), (1 << 10, "KiB")):
-        if num_bytes >= threshold:
-            return f"{num_bytes / threshold:.2f} {suffix}"
-    return f"{num_bytes:.0f} B"
+# Number formats are the CLI's, so tables and terminal output read alike.
+count = human
+size = human_bytes
 
 
 def seconds(value: Optional[float]) -> str:
