@@ -211,7 +211,6 @@ class Model:
                     merged.append(dim if isinstance(dim, int) else (old if old is not None else dim))
                 tensor.shape = merged
 
-
     def weightless_proto(self, *, keep_value_info: bool = True) -> onnx.ModelProto:
         """The model as ONNX with its weights turned into typed graph inputs.
 
