@@ -65,11 +65,11 @@ def read_proto(path: PathLike, *, what: str = "model") -> onnx.ModelProto:
 def check_proto(proto: onnx.ModelProto, what: str, path: Optional[PathLike] = None) -> None:
     """onnx.checker plus the installed onnxruntime's IR/opset limits.
 
-    With a path, the checker reads the file itself: a model over 2 GB (external data) cannot
-    be serialized for an in-memory check.
+    A model over 2 GB cannot be serialized for an in-memory check; then the checker reads
+    the file itself (smaller models are not parsed a second time).
     """
     try:
-        if path is not None:
+        if path is not None and _approximate_size(proto) > EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)

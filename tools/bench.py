@@ -27,6 +27,7 @@ from evaluate import evaluate  # noqa: E402
 
 from onnxslim_cv.model_io import file_size, load_model, save_model  # noqa: E402
 from onnxslim_cv.pipeline import PassContext, make_passes, parse_pass_list, run_passes  # noqa: E402
+from onnxslim_cv.report import human, human_bytes  # noqa: E402  (the CLI's formats)
 from onnxslim_cv.testing import zoo  # noqa: E402
 
 DEFAULT_CALIB_SIZE = 32
@@ -93,7 +94,7 @@ def bench_model(
     }
 
 
-def _arrow(values: Sequence[Any], fmt=benchlib.count, with_ratio: bool = True) -> str:
+def _arrow(values: Sequence[Any], fmt=human, with_ratio: bool = True) -> str:
     before, after = values
     text = f"{fmt(before)} → {fmt(after)}"
     return f"{text} ({benchlib.ratio(after, before)})" if with_ratio else text
@@ -116,7 +117,7 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
             _arrow(row["nodes"], str),
             _arrow(row["params"]),
             _arrow(row["macs"]),
-            _arrow(row["file_bytes"], benchlib.size),
+            _arrow(row["file_bytes"], human_bytes),
             "n/a" if row["latency_ratio"] is None else f"{row['latency_ratio']:.2f}x",
             accuracy_text(row),
             benchlib.seconds(row["pass_seconds"]),

@@ -19,7 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # the repo copy of onnxslim_cv; passes/ still needs `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from onnxslim_cv.report import human, human_bytes  # noqa: E402
 from onnxslim_cv.bench import BenchReport, benchmark  # noqa: E402
 from onnxslim_cv.testing import zoo  # noqa: E402
 
@@ -91,11 +90,6 @@ def ratio(after: Optional[float], before: Optional[float], digits: int = 2) -> s
     if after is None or before in (None, 0):
         return "n/a"
     return f"{after / before:.{digits}f}x"
-
-
-# Number formats are the CLI's, so tables and terminal output read alike.
-count = human
-size = human_bytes
 
 
 def seconds(value: Optional[float]) -> str:
