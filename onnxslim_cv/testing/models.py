@@ -5,6 +5,10 @@ need models that contain the graph patterns found in real exported CNNs - bias-f
 residual Adds, Concats, depthwise and grouped convs, squeeze-excite gates, Flatten/Reshape into
 fully-connected layers, Resize, ConvTranspose, multi-output heads - but are small enough that a
 test builds, transforms and runs them in milliseconds. Every builder here returns such a model.
+A second group covers the other ways channels get coupled that a structured pruner must handle:
+channel Split/Slice, DepthToSpace/SpaceToDepth, channel shuffle, Gemm squeeze-excite, per-channel
+normalizations and activations (InstanceNorm, GroupNorm, LayerNorm over NHWC, PRelu), stacked
+MatMul layers. :func:`resnet50` is the exception in size: the full network, for performance tests.
 
 Conventions shared by all builders:
 
@@ -17,7 +21,9 @@ Conventions shared by all builders:
   running variance, so that folding changes numbers and activations stay well scaled.
 * PyTorch-export-like names: graph input ``input``, nodes ``conv1``, ``bn1``, ``relu1``...,
   initializers ``conv1.weight``, ``bn1.running_var``...; a node's output tensor carries the node's
-  name unless it is a graph output.
+  name unless it is a graph output. Ops exported as several nodes (HardSwish, LayerNorm and
+  GroupNorm at older opsets) name their parts ``<name>.<part>`` and the last part's output
+  ``<name>``; the multi-output Split names its outputs ``<name>_0``, ``<name>_1``...
 * ``ir_version`` is :data:`DEFAULT_IR_VERSION` (onnx 1.23 would stamp an IR version that
   onnxruntime 1.31 refuses), only the default domain is imported, no ``value_info`` is stored
   and the graph outputs declare their full shapes.
@@ -56,17 +62,25 @@ __all__ = [
     "MAX_OPSET",
     "MIN_OPSET",
     "build",
+    "channel_shuffle",
     "conv_chain",
     "conv_transpose",
+    "depth_to_space",
     "detection_head",
     "flatten_gemm",
     "group_conv",
+    "group_norm",
+    "matmul_classifier",
     "mobilenetv2_block",
     "mobilenetv3_block",
+    "norm_zoo",
     "reshape_matmul",
+    "resnet50",
     "resnet_basic_block",
     "resnet_bottleneck_block",
     "sample_inputs",
+    "se_gemm",
+    "split_concat",
     "squeezenet_fire",
     "unet_like",
 ]
@@ -80,7 +94,7 @@ __all__ = [
 class _GraphBuilder:
     """Accumulates nodes and initializers with PyTorch-like names and seeded weights."""
 
-    def __init__(self, name: str, *, opset: int, seed: int, batch: Batch) -> None:
+    def __init__(self, name: str, *, opset: int, seed: int, batch: Batch, fast_weights: bool = False) -> None:
         if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
             raise ValueError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
         if isinstance(batch, bool) or not (
@@ -91,6 +105,9 @@ class _GraphBuilder:
         self.opset = opset
         self.batch = batch
         self.rng = np.random.default_rng(seed)
+        # float32 normals straight from the generator: about 4x faster than float64 + cast, for
+        # the large models; the small builders keep the float64 stream their weights came from.
+        self.fast_weights = fast_weights
         self.nodes: List[onnx.NodeProto] = []
         self.initializers: List[onnx.TensorProto] = []
         self._counters: Dict[str, int] = {}
@@ -128,8 +145,13 @@ class _GraphBuilder:
 
     # -- weights -------------------------------------------------------------------------------
 
-    def _he_normal(self, shape: Tuple[int, ...], fan_in: int) -> np.ndarray:
-        return self.rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape).astype(np.float32)
+    def _normal(self, shape: Tuple[int, ...], std: float) -> np.ndarray:
+        if self.fast_weights:
+            return self.rng.standard_normal(size=shape, dtype=np.float32) * np.float32(std)
+        return self.rng.normal(0.0, std, size=shape).astype(np.float32)
+
+    def _he_normal(self, shape: Tuple[int, ...], fan_in: int, gain: float = 1.0) -> np.ndarray:
+        return self._normal(shape, gain * math.sqrt(2.0 / fan_in))
 
     def _bias(self, n: int, fan_in: int) -> np.ndarray:
         bound = 1.0 / math.sqrt(fan_in)
@@ -149,12 +171,15 @@ class _GraphBuilder:
         group: int = 1,
         bias: bool = True,
         output: Optional[str] = None,
+        gain: float = 1.0,
     ) -> str:
+        """Conv with He-normal weights, times ``gain``."""
         if cin % group or cout % group:
             raise ValueError(f"channels {cin}->{cout} not divisible by group {group}")
         name = self.fresh("conv")
         fan_in = cin // group * kernel * kernel
-        inputs = [x, self.initializer(f"{name}.weight", self._he_normal((cout, cin // group, kernel, kernel), fan_in))]
+        weight = self._he_normal((cout, cin // group, kernel, kernel), fan_in, gain)
+        inputs = [x, self.initializer(f"{name}.weight", weight)]
         if bias:
             inputs.append(self.initializer(f"{name}.bias", self._bias(cout, fan_in)))
         pad = kernel // 2 if pad is None else pad
@@ -262,7 +287,7 @@ class _GraphBuilder:
     def gemm(self, x: str, fin: int, fout: int, *, he: bool = True, output: Optional[str] = None) -> str:
         """``nn.Linear`` as exported: Gemm with a [out, in] weight and transB=1."""
         name = self.fresh("fc")
-        w = self.rng.normal(0.0, math.sqrt((2.0 if he else 1.0) / fin), size=(fout, fin)).astype(np.float32)
+        w = self._normal((fout, fin), math.sqrt((2.0 if he else 1.0) / fin))
         inputs = [
             x,
             self.initializer(f"{name}.weight", w),
@@ -270,13 +295,17 @@ class _GraphBuilder:
         ]
         return self.node("Gemm", inputs, name, output, alpha=1.0, beta=1.0, transB=1)
 
-    def matmul_add(self, x: str, fin: int, fout: int, output: Optional[str] = None) -> str:
-        """A linear layer as MatMul with a [in, out] weight followed by a bias Add."""
+    def matmul_add(
+        self, x: str, fin: int, fout: int, output: Optional[str] = None, *, bias: bool = True, he: bool = False
+    ) -> str:
+        """A linear layer as MatMul with a [in, out] weight followed by a bias Add (if ``bias``)."""
         name = self.fresh("matmul")
-        w = self.rng.normal(0.0, math.sqrt(1.0 / fin), size=(fin, fout)).astype(np.float32)
+        w = self._normal((fin, fout), math.sqrt((2.0 if he else 1.0) / fin))
+        if not bias:
+            return self.node("MatMul", [x, self.initializer(f"{name}.weight", w)], name, output)
         y = self.node("MatMul", [x, self.initializer(f"{name}.weight", w)], name)
-        bias = self.initializer(f"{name}.bias", self._bias(fout, fin))
-        return self.node("Add", [y, bias], self.fresh("add"), output)
+        b = self.initializer(f"{name}.bias", self._bias(fout, fin))
+        return self.node("Add", [y, b], self.fresh("add"), output)
 
     def resize_nearest_x2(self, x: str) -> str:
         """Nearest ×2 upsampling via scales, as ``nn.Upsample(scale_factor=2)`` exports it."""
@@ -295,6 +324,107 @@ class _GraphBuilder:
             nearest_mode="floor",
         )
 
+    def split(self, x: str, sizes: Sequence[int], axis: int) -> List[str]:
+        """Split into ``sizes`` (an attribute below opset 13, an int64 input from 13).
+
+        The only multi-output node here: its outputs are named ``<node>_0``, ``<node>_1``...
+        """
+        name = self.fresh("split")
+        outs = [f"{name}_{i}" for i in range(len(sizes))]
+        for out in outs:
+            if out in self._used_names:
+                raise ValueError(f"duplicate tensor name {out!r}")
+            self._used_names.add(out)
+        if self.opset >= 13:
+            inputs, attrs = [x, self.initializer(f"{name}.split", np.array(sizes, dtype=np.int64))], {}
+        else:
+            inputs, attrs = [x], {"split": list(sizes)}
+        self.nodes.append(helper.make_node("Split", inputs, outs, name=name, axis=axis, **attrs))
+        return outs
+
+    def slice(self, x: str, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int]) -> str:
+        """Slice with constant int64 ``starts``/``ends``/``axes`` inputs (unit steps)."""
+        name = self.fresh("slice")
+        inputs = [x]
+        for key, value in (("starts", starts), ("ends", ends), ("axes", axes)):
+            inputs.append(self.initializer(f"{name}.{key}", np.array(value, dtype=np.int64)))
+        return self.node("Slice", inputs, name)
+
+    def _affine(self, shape: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
+        """Trained-looking normalization scale and shift (same ranges as BN gamma/beta)."""
+        gamma = self.rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        beta = self.rng.uniform(-0.3, 0.3, shape).astype(np.float32)
+        return gamma, beta
+
+    def instance_norm(self, x: str, channels: int) -> str:
+        name = self.fresh("instancenorm")
+        gamma, beta = self._affine((channels,))
+        inputs = [x, self.initializer(f"{name}.weight", gamma), self.initializer(f"{name}.bias", beta)]
+        return self.node("InstanceNormalization", inputs, name, epsilon=1e-5)
+
+    def prelu(self, x: str, channels: int) -> str:
+        """``nn.PReLU(channels)`` as exported: the slope is unsqueezed to [C, 1, 1]."""
+        name = self.fresh("prelu")
+        slope = self.rng.uniform(0.1, 0.4, (channels, 1, 1)).astype(np.float32)
+        return self.node("PRelu", [x, self.initializer(f"{name}.weight", slope)], name)
+
+    def pad_spatial(self, x: str, pad: int) -> str:
+        """Constant zero Pad of H and W only (pads as an int64 input from opset 11)."""
+        name = self.fresh("pad")
+        pads = self.initializer(f"{name}.pads", np.array([0, 0, pad, pad, 0, 0, pad, pad], dtype=np.int64))
+        return self.node("Pad", [x, pads], name, mode="constant")
+
+    def avg_pool(self, x: str, kernel: int, stride: int) -> str:
+        return self.node(
+            "AveragePool",
+            [x],
+            self.fresh("avgpool"),
+            kernel_shape=[kernel, kernel],
+            pads=[0] * 4,
+            strides=[stride, stride],
+        )
+
+    def layer_norm_last_axis(self, x: str, channels: int) -> str:
+        """``nn.LayerNorm(C)`` over the last axis: the op from opset 17, below it the export's
+        ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add decomposition."""
+        name = self.fresh("layernorm")
+        gamma, beta = self._affine((channels,))
+        weight = self.initializer(f"{name}.weight", gamma)
+        bias = self.initializer(f"{name}.bias", beta)
+        if self.opset >= 17:
+            return self.node("LayerNormalization", [x, weight, bias], name, axis=-1, epsilon=1e-5)
+        mean = self.node("ReduceMean", [x], f"{name}.mean", axes=[-1], keepdims=1)
+        centered = self.node("Sub", [x, mean], f"{name}.sub")
+        two = self.initializer(f"{name}.exponent", np.array(2.0, dtype=np.float32))
+        squared = self.node("Pow", [centered, two], f"{name}.pow")
+        var = self.node("ReduceMean", [squared], f"{name}.var", axes=[-1], keepdims=1)
+        eps = self.initializer(f"{name}.epsilon", np.array(1e-5, dtype=np.float32))
+        std = self.node("Sqrt", [self.node("Add", [var, eps], f"{name}.add_eps")], f"{name}.sqrt")
+        y = self.node("Mul", [self.node("Div", [centered, std], f"{name}.div"), weight], f"{name}.mul")
+        return self.node("Add", [y, bias], f"{name}.add", name)
+
+    def group_norm(self, x: str, channels: int, groups: int, spatial: Tuple[int, int]) -> str:
+        """``nn.GroupNorm``: the opset-21 op (per-channel scale/bias [C]); below 21 the PyTorch
+        export Reshape [0, G, -1] -> InstanceNormalization (ones/zeros [G]) -> Reshape back ->
+        Mul gamma [C, 1, 1] -> Add beta [C, 1, 1]."""
+        if channels % groups:
+            raise ValueError(f"channels {channels} not divisible by groups {groups}")
+        name = self.fresh("groupnorm")
+        if self.opset >= 21:
+            gamma, beta = self._affine((channels,))
+            inputs = [x, self.initializer(f"{name}.weight", gamma), self.initializer(f"{name}.bias", beta)]
+            return self.node("GroupNormalization", inputs, name, epsilon=1e-5, num_groups=groups)
+        gamma, beta = self._affine((channels, 1, 1))
+        grouped = self.initializer(f"{name}.group_shape", np.array([0, groups, -1], dtype=np.int64))
+        y = self.node("Reshape", [x, grouped], f"{name}.reshape")
+        ones = self.initializer(f"{name}.instance_scale", np.ones(groups, dtype=np.float32))
+        zeros = self.initializer(f"{name}.instance_shift", np.zeros(groups, dtype=np.float32))
+        y = self.node("InstanceNormalization", [y, ones, zeros], f"{name}.instancenorm", epsilon=1e-5)
+        back = self.initializer(f"{name}.channel_shape", np.array([0, channels, *spatial], dtype=np.int64))
+        y = self.node("Reshape", [y, back], f"{name}.reshape_back")
+        y = self.node("Mul", [y, self.initializer(f"{name}.weight", gamma)], f"{name}.mul")
+        return self.node("Add", [y, self.initializer(f"{name}.bias", beta)], f"{name}.add", name)
+
     def conv_bn_act(
         self,
         x: str,
@@ -307,9 +437,10 @@ class _GraphBuilder:
         bias: bool = False,
         act: Optional[str] = "relu",
         output: Optional[str] = None,
+        gain: float = 1.0,
     ) -> str:
         """Bias-free (by default) Conv -> BatchNormalization -> optional activation."""
-        y = self.conv(x, cin, cout, kernel, stride=stride, group=group, bias=bias)
+        y = self.conv(x, cin, cout, kernel, stride=stride, group=group, bias=bias, gain=gain)
         if act is None:
             return self.bn(y, cout, output=output)
         y = self.bn(y, cout)
@@ -317,11 +448,22 @@ class _GraphBuilder:
 
     # -- model ---------------------------------------------------------------------------------
 
-    def _graph(self, image_size: int, outputs: Sequence[onnx.ValueInfoProto], batch: Batch) -> onnx.GraphProto:
-        inp = helper.make_tensor_value_info(
-            "input", TensorProto.FLOAT, [batch, IN_CHANNELS, image_size, image_size]
-        )
-        return helper.make_graph(self.nodes, self.name, [inp], list(outputs), initializer=self.initializers)
+    def _graph(
+        self, image_size: int, outputs: Sequence[onnx.ValueInfoProto], batch: Batch, *, weightless: bool = False
+    ) -> onnx.GraphProto:
+        """The graph; ``weightless`` turns float weights into typed graph inputs (for fast shape
+        inference on big models) and keeps the small constants that inference reads."""
+        shape = [batch, IN_CHANNELS, image_size, image_size]
+        inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
+        initializers = self.initializers
+        if weightless:
+            initializers = []
+            for init in self.initializers:
+                if init.data_type == TensorProto.FLOAT and math.prod(init.dims) > 16:
+                    inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+                else:
+                    initializers.append(init)
+        return helper.make_graph(self.nodes, self.name, inputs, list(outputs), initializer=initializers)
 
     def _model(self, graph: onnx.GraphProto) -> onnx.ModelProto:
         model = helper.make_model(
@@ -332,23 +474,37 @@ class _GraphBuilder:
         model.ir_version = DEFAULT_IR_VERSION
         return model
 
-    def finish(self, image_size: int, outputs: Sequence[str]) -> onnx.ModelProto:
+    def finish(
+        self,
+        image_size: int,
+        outputs: Sequence[str],
+        *,
+        known_shapes: Optional[Dict[str, Sequence[int]]] = None,
+    ) -> onnx.ModelProto:
         """Wrap the graph in a model whose outputs declare full shapes.
 
         The output shapes come from running shape inference on a batch-1 copy, so every
         non-batch dim is concrete even behind Reshapes; the leading dim is then replaced by the
-        requested ``batch`` (int or symbol).
+        requested ``batch`` (int or symbol). ``known_shapes`` gives the non-batch dims of
+        outputs that ONNX shape inference cannot reach (it has no inference for the opset-21
+        GroupNormalization); inference then runs non-strict and must not contradict them.
         """
+        known_shapes = known_shapes or {}
         untyped = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
         probe = onnx.shape_inference.infer_shapes(
-            self._model(self._graph(image_size, untyped, 1)), strict_mode=True
+            self._model(self._graph(image_size, untyped, 1, weightless=True)), strict_mode=not known_shapes
         )
         declared = []
         for out in probe.graph.output:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
+            if out.name in known_shapes:
+                given = [1, *known_shapes[out.name]]
+                if dims and dims != given:
+                    raise AssertionError(f"{self.name}: {out.name!r} inferred as {dims}, expected {given}")
+                dims = given
             if not dims or dims[0] != 1 or any(d is None or d <= 0 for d in dims):
                 raise AssertionError(f"{self.name}: could not infer a static shape for {out.name!r}: {dims}")
-            elem_type = out.type.tensor_type.elem_type
+            elem_type = out.type.tensor_type.elem_type or TensorProto.FLOAT
             declared.append(helper.make_tensor_value_info(out.name, elem_type, [self.batch] + dims[1:]))
         return self._model(self._graph(image_size, declared, self.batch))
 
@@ -701,6 +857,239 @@ def detection_head(
     return g.finish(image_size, ["scores", "boxes"])
 
 
+def split_concat(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+) -> onnx.ModelProto:
+    """Channel Split into two branches, Concat back, then a channel Slice across both halves.
+
+    Conv-bn-relu (16 ch) -> Split on axis 1 into [8, 8] (sizes as an attribute below opset 13,
+    as an int64 input from 13) -> conv-bn-relu 8->8 on each half -> Concat -> Slice of channels
+    [4, 12) (constant starts/ends/axes inputs) -> 1x1 conv -> ``output``. The split ties the
+    stem's channels to both branches, and the Slice reads four channels of each branch and
+    leaves the other eight unused.
+    """
+    g = _GraphBuilder("split_concat", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, 16, 3)
+    halves = [g.conv_bn_act(h, 8, 8, 3) for h in g.split(x, [8, 8], axis=1)]
+    x = g.slice(g.concat(halves, axis=1), [4], [12], [1])
+    g.conv(x, 8, 8, 1, pad=0, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def depth_to_space(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    mode: str = "DCR",
+) -> onnx.ModelProto:
+    """Pixel shuffle and unshuffle: channels and space trade places in blocks of 2x2.
+
+    Conv-bn-relu 3->16 -> DepthToSpace (blocksize 2, ``mode`` "DCR" or "CRD") -> conv-bn-relu
+    4->8 at twice the resolution -> SpaceToDepth (blocksize 2) -> 1x1 conv 32->8 -> ``output``.
+    Each DepthToSpace output channel is made of four input channels, so channels can only be
+    pruned in the matching groups of four (strided for DCR, contiguous for CRD), and every
+    SpaceToDepth output channel belongs to one input channel.
+    """
+    if mode not in ("DCR", "CRD"):
+        raise ValueError(f"depth_to_space: mode must be 'DCR' or 'CRD', got {mode!r}")
+    g = _GraphBuilder("depth_to_space", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, 16, 3)
+    x = g.node("DepthToSpace", [x], g.fresh("depthtospace"), blocksize=2, mode=mode)
+    x = g.conv_bn_act(x, 4, 8, 3)
+    x = g.node("SpaceToDepth", [x], g.fresh("spacetodepth"), blocksize=2)
+    g.conv(x, 32, 8, 1, pad=0, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def channel_shuffle(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+    groups: int = 2,
+) -> onnx.ModelProto:
+    """ShuffleNet channel shuffle: Reshape to 5-D, Transpose the group axis, Reshape back.
+
+    Conv-bn-relu 3->C -> Reshape [0, G, C/G, H, W] -> Transpose perm [0, 2, 1, 3, 4] ->
+    Reshape [0, C, H, W] -> 3x3 conv -> ``output``. Channel ``g * C/G + i`` lands at
+    ``i * G + g``: the pruner must permute, not just cut, and keep the groups equal in size.
+    The batch entry of both Reshape targets is 0, so dynamic batch works.
+    """
+    if groups < 2 or channels % groups:
+        raise ValueError(f"channel_shuffle: need groups >= 2 dividing channels, got {groups}, {channels}")
+    g = _GraphBuilder("channel_shuffle", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3)
+    x = g.reshape(x, [0, groups, channels // groups, image_size, image_size])
+    x = g.transpose(x, [0, 2, 1, 3, 4])
+    x = g.reshape(x, [0, channels, image_size, image_size])
+    g.conv(x, channels, channels, 3, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def se_gemm(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+    se_channels: int = 4,
+) -> onnx.ModelProto:
+    """Squeeze-excite whose FC layers are Gemms (``nn.Linear``) rather than 1x1 convs.
+
+    Conv-bn-relu 3->C -> GlobalAveragePool -> Flatten -> Gemm C->S -> Relu -> Gemm S->C ->
+    Sigmoid -> Reshape [0, C, 1, 1] -> Mul with the conv output -> 1x1 conv -> ``output``.
+    The gated conv's channels are bound to the Gemm input columns and the second Gemm's rows.
+    """
+    g = _GraphBuilder("se_gemm", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3)
+    s = g.flatten(g.global_avg_pool(x))
+    s = g.relu(g.gemm(s, channels, se_channels))
+    s = g.sigmoid(g.gemm(s, se_channels, channels))
+    x = g.mul(x, g.reshape(s, [0, channels, 1, 1]))
+    g.conv(x, channels, channels, 1, pad=0, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def norm_zoo(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+) -> onnx.ModelProto:
+    """A chain of channel-wise and channel-preserving ops, each carrying per-channel state or not.
+
+    Conv 3->C (bias) -> InstanceNormalization (per-channel scale/bias) -> PRelu (slope
+    [C, 1, 1]) -> conv -> LeakyRelu -> Pad (H and W only, constant) -> 3x3 conv with pad 0 ->
+    Clip(0, 6) -> AveragePool 2x2 -> Resize nearest x2 -> conv -> Transpose to NHWC ->
+    LayerNormalization over the channels (the op from opset 17, decomposed below) -> Transpose
+    back -> MaxPool 2x2 -> conv C->8 -> ``output``.
+    """
+    _check_divisible("norm_zoo", image_size, 4)
+    g = _GraphBuilder("norm_zoo", opset=opset, seed=seed, batch=batch)
+    c = channels
+    x = g.prelu(g.instance_norm(g.conv("input", IN_CHANNELS, c, 3), c), c)
+    x = g.node("LeakyRelu", [g.conv(x, c, c, 3)], g.fresh("leakyrelu"), alpha=0.1)
+    x = g.relu6(g.conv(g.pad_spatial(x, 1), c, c, 3, pad=0))
+    x = g.resize_nearest_x2(g.avg_pool(x, 2, 2))
+    x = g.transpose(g.conv(x, c, c, 3), [0, 2, 3, 1])
+    x = g.transpose(g.layer_norm_last_axis(x, c), [0, 3, 1, 2])
+    g.conv(g.max_pool(x, 2, 2), c, 8, 3, output="output")
+    return g.finish(image_size, ["output"])
+
+
+def group_norm(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+    groups: int = 4,
+) -> onnx.ModelProto:
+    """GroupNorm without any BatchNormalization: channels can only be pruned by whole groups.
+
+    Conv 3->C (bias) -> GroupNorm (G groups) -> Relu -> 3x3 conv -> ``output``. From opset 21
+    the ``GroupNormalization`` op with per-channel scale/bias [C]; below 21 PyTorch's export
+    Reshape [0, G, -1] -> InstanceNormalization (scale ones [G], bias zeros [G]) -> Reshape
+    [0, C, H, W] -> Mul gamma [C, 1, 1] -> Add beta [C, 1, 1]. ONNX shape inference (1.23)
+    has no rule for GroupNormalization-21, so at opset 21 no shape is known past it.
+    """
+    if groups < 2 or channels % groups:
+        raise ValueError(f"group_norm: need groups >= 2 dividing channels, got {groups}, {channels}")
+    g = _GraphBuilder("group_norm", opset=opset, seed=seed, batch=batch)
+    x = g.conv("input", IN_CHANNELS, channels, 3)
+    x = g.relu(g.group_norm(x, channels, groups, (image_size, image_size)))
+    g.conv(x, channels, channels, 3, output="output")
+    # ONNX shape inference stops at the opset-21 GroupNormalization (onnxruntime runs it).
+    shapes = {"output": [channels, image_size, image_size]} if opset >= 21 else None
+    return g.finish(image_size, ["output"], known_shapes=shapes)
+
+
+def matmul_classifier(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 8,
+    hidden: int = 10,
+    num_classes: int = 10,
+) -> onnx.ModelProto:
+    """Two MatMul layers after a Reshape: the second one consumes the first one's features.
+
+    Stride-2 conv-bn-relu -> Reshape [-1, C*H*W] -> MatMul [C*H*W, hidden] -> Add bias -> Relu
+    -> MatMul [hidden, num_classes] (no bias) -> ``logits``. Pruning hidden features removes
+    columns of the first weight and its bias and rows of the second weight.
+    """
+    _check_divisible("matmul_classifier", image_size, 2)
+    g = _GraphBuilder("matmul_classifier", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
+    features = channels * (image_size // 2) ** 2
+    x = g.reshape(x, [-1, features])
+    x = g.relu(g.matmul_add(x, features, hidden, he=True))
+    g.matmul_add(x, hidden, num_classes, output="logits", bias=False)
+    return g.finish(image_size, ["logits"])
+
+
+RESNET50_BRANCH_GAIN = 0.3
+"""Scale (x He) of the last conv in each ResNet-50 residual branch: with full He weights the
+random BatchNorms do not normalize and the residual stream grows ~100x over 16 blocks."""
+
+RESNET50_STAGES: Tuple[Tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
+"""ResNet-50's (bottleneck width, block count) per stage; expansion 4."""
+
+
+def resnet50(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 224,
+    num_classes: int = 1000,
+) -> onnx.ModelProto:
+    """Full ResNet-50 topology (torchvision layout) with random weights, ~25.6M parameters.
+
+    For performance tests of whole-model passes rather than for pattern coverage: 7x7 stride-2
+    conv 64 + BN + Relu + MaxPool 3x3/2 stem, bottleneck stages of 3, 4, 6 and 3 blocks with
+    widths 64/128/256/512 and expansion 4, stride on the 3x3 conv and 1x1 conv+BN projection
+    shortcuts in each stage's first block, then GlobalAveragePool -> Flatten -> Gemm 2048 ->
+    ``num_classes`` -> ``logits``. Names run conv1..conv53 and bn1..bn53 in torchvision's order
+    (a block's three convs, then its projection). The last conv of each residual branch is
+    drawn at :data:`RESNET50_BRANCH_GAIN` times He scale, so that (as in trained ResNets) the
+    branches stay small next to the identity path and activations keep a steady scale through
+    all 16 blocks. Weights are drawn as float32 normals, so building takes well under a second.
+    """
+    _check_divisible("resnet50", image_size, 32)
+    g = _GraphBuilder("resnet50", opset=opset, seed=seed, batch=batch, fast_weights=True)
+    x = g.conv_bn_act("input", IN_CHANNELS, 64, 7, stride=2)
+    x = g.max_pool(x, 3, 2, pad=1)
+    cin = 64
+    for stage, (width, blocks) in enumerate(RESNET50_STAGES):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            out = 4 * width
+            y = g.conv_bn_act(x, cin, width, 1)
+            y = g.conv_bn_act(y, width, width, 3, stride=stride)
+            y = g.conv_bn_act(y, width, out, 1, act=None, gain=RESNET50_BRANCH_GAIN)
+            shortcut = x
+            if stride != 1 or cin != out:
+                shortcut = g.bn(g.conv(x, cin, out, 1, stride=stride, pad=0, bias=False), out)
+            x, cin = g.relu(g.add(y, shortcut)), out
+    _classifier(g, x, cin, num_classes)
+    return g.finish(image_size, ["logits"])
+
+
 BUILDERS: Dict[str, Callable[..., onnx.ModelProto]] = {
     "conv_chain": conv_chain,
     "resnet_basic_block": resnet_basic_block,
@@ -714,6 +1103,14 @@ BUILDERS: Dict[str, Callable[..., onnx.ModelProto]] = {
     "unet_like": unet_like,
     "conv_transpose": conv_transpose,
     "detection_head": detection_head,
+    "split_concat": split_concat,
+    "depth_to_space": depth_to_space,
+    "channel_shuffle": channel_shuffle,
+    "se_gemm": se_gemm,
+    "norm_zoo": norm_zoo,
+    "group_norm": group_norm,
+    "matmul_classifier": matmul_classifier,
+    "resnet50": resnet50,
 }
 """All test-model builders by name."""
 

@@ -1,0 +1,220 @@
+"""The channel dependency graph: groups, freezing, and removals that keep the maths exact.
+
+The central check: zero the input-channel slices (``in`` members) of the channels we are about
+to remove, so they contribute nothing; physically removing them must then leave every output
+unchanged. That holds only if every coupled tensor, constant and shape was found.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_cv import runtime
+from onnxslim_cv.depgraph import PruneError, build_dependency_graph, prune_channels
+from onnxslim_cv.ir import Model
+from onnxslim_cv.pipeline import get_pass
+from onnxslim_cv.testing import models as test_models
+from onnxslim_cv.testing import zoo
+
+APPROXIMATE = ("LayerNormalization",)  # statistics over the channels shift when pruned
+
+
+def _folded(proto: onnx.ModelProto) -> Model:
+    model, _ = get_pass("fold")()(Model.from_proto(proto))
+    return model
+
+
+def _pick_removal(dg, fraction: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    removed = []
+    for group in dg.prunable_groups:
+        if any(a in note for note in group.notes for a in APPROXIMATE):
+            continue
+        count = min(int(round(len(group.units) * fraction)), len(group.units) - 1)
+        if count > 0:
+            removed.extend(int(u) for u in rng.choice(group.units, count, replace=False))
+    return removed
+
+
+def _zero_inputs_of(model: Model, dg, removed) -> None:
+    removed_arr = np.asarray(sorted(removed))
+    for member in dg.members:
+        if member.role != "in":
+            continue
+        drop = ~dg.keep_mask(member.ids, removed_arr)
+        if not drop.any():
+            continue
+        tensor = member.node.inputs[member.index]
+        values = np.array(tensor.values, copy=True)
+        index = [slice(None)] * values.ndim
+        index[member.axis] = np.flatnonzero(drop)
+        values[tuple(index)] = 0
+        tensor.values = values
+
+
+def _run(model: Model, feed):
+    session = runtime.make_session(model.to_proto(), optimize=False)
+    return runtime.run(session, feed)
+
+
+def _assert_exact_removal(proto: onnx.ModelProto, feed, fraction=0.3, seed=0):
+    model = _folded(proto)
+    dg = build_dependency_graph(model)
+    removed = _pick_removal(dg, fraction, seed)
+    assert removed, "nothing was prunable"
+    reference = model.copy()
+    _zero_inputs_of(reference, build_dependency_graph(reference), removed)
+    expected = _run(reference, feed)
+    macs_predicted = dg.macs(removed)
+    prune_channels(model, dg, removed)
+    proto_out = model.to_proto()
+    onnx.checker.check_model(proto_out)
+    got = _run(model, feed)
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape
+        scale = max(1.0, float(np.abs(a).max()))
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale)
+    return model, dg, removed, macs_predicted
+
+
+@pytest.mark.parametrize("name", [n for n in test_models.BUILDERS if n != "resnet50"])
+def test_removing_zeroed_channels_leaves_outputs_unchanged(name):
+    proto = test_models.build(name, batch="N")
+    feed = test_models.sample_inputs(proto, batch=2)
+    dg = build_dependency_graph(_folded(proto))
+    if not _pick_removal(dg, 0.3):
+        pytest.skip(f"{name}: no exactly-prunable group")
+    _assert_exact_removal(proto, feed)
+
+
+@pytest.mark.parametrize("name", [n for n in test_models.BUILDERS if n != "resnet50"])
+def test_pruned_model_runs_at_other_batch_sizes(name):
+    proto = test_models.build(name, batch="N")
+    model = _folded(proto)
+    dg = build_dependency_graph(model)
+    removed = _pick_removal(dg, 0.5, seed=1)
+    prune_channels(model, dg, removed)
+    pruned = model.to_proto()
+    session = runtime.make_session(pruned)
+    for batch in (1, 3):
+        outputs = runtime.run(session, test_models.sample_inputs(proto, batch=batch))
+        assert outputs[0].shape[0] == batch
+
+
+def test_predicted_macs_match_the_pruned_model():
+    from onnxslim_cv.stats import model_stats
+
+    proto = test_models.build("resnet_bottleneck_block")
+    model, dg, removed, predicted = _assert_exact_removal(proto, test_models.sample_inputs(proto))
+    assert predicted == model_stats(model, refresh_shapes=True).macs
+
+
+def test_residual_add_couples_both_branches():
+    model = _folded(test_models.build("resnet_basic_block"))
+    dg = build_dependency_graph(model)
+    spine = [g for g in dg.groups if len(g.sources) > 1]
+    assert spine, "the residual add should merge the sources of both branches"
+    assert all(g.prunable for g in spine[:-1])
+
+
+def test_depthwise_conv_shares_channels_with_its_input():
+    model = _folded(test_models.build("mobilenetv2_block"))
+    dg = build_dependency_graph(model)
+    depthwise = [n for n in model.graph.nodes if n.op == "Conv" and n.attrs.get("group", 1) > 1]
+    assert depthwise
+    for node in depthwise:
+        groups = dg.group_of(node.name)
+        assert len(groups) == 1
+        group = groups[0]
+        assert node.inputs[0].name in group.tensors and node.outputs[0].name in group.tensors
+
+
+def test_grouped_conv_units_are_whole_groups():
+    model = _folded(test_models.build("group_conv", channels=16, groups=4))
+    dg = build_dependency_graph(model)
+    grouped = next(n for n in model.graph.nodes if n.op == "Conv" and n.attrs.get("group", 1) == 4)
+    group = dg.group_of(grouped.name)[0]
+    assert len(group.units) == 4 and group.channels == 16
+
+
+def test_channel_shuffle_and_reduction_over_channels_freeze_with_a_reason():
+    dg = build_dependency_graph(_folded(test_models.build("channel_shuffle")))
+    reasons = [r for g in dg.groups for r in g.frozen]
+    assert any("Reshape" in r for r in reasons)
+    dg = build_dependency_graph(_folded(test_models.build("squeezenet_fire")))
+    assert any("Softmax" in r for g in dg.groups for r in g.frozen)
+
+
+def test_graph_outputs_are_frozen():
+    model = _folded(test_models.build("conv_chain"))
+    dg = build_dependency_graph(model)
+    out = model.graph.outputs[0].name
+    assert all(not g.prunable for g in dg.groups if out in g.tensors)
+
+
+def test_removing_frozen_or_all_channels_is_refused():
+    model = _folded(test_models.build("conv_chain"))
+    dg = build_dependency_graph(model)
+    frozen = next(g for g in dg.groups if g.frozen)
+    with pytest.raises(PruneError, match="frozen"):
+        prune_channels(model, dg, frozen.units[:1])
+    group = dg.prunable_groups[0]
+    with pytest.raises(PruneError, match="every channel"):
+        prune_channels(model, dg, group.units)
+
+
+def test_nothing_removed_changes_nothing():
+    model = _folded(test_models.build("resnet_basic_block"))
+    before = model.to_proto().SerializeToString()
+    dg = build_dependency_graph(model)
+    assert prune_channels(model, dg, [])["units"] == 0
+    assert model.to_proto().SerializeToString() == before
+
+
+def test_flatten_into_gemm_slices_blocks_of_features():
+    proto = test_models.build("flatten_gemm")
+    model, dg, removed, _ = _assert_exact_removal(proto, test_models.sample_inputs(proto))
+    gemm = next(n for n in model.graph.nodes if n.op == "Gemm")
+    conv = next(n for n in model.graph.nodes if n.op == "Conv")
+    channels = conv.inputs[1].values.shape[0]
+    weight = gemm.inputs[1].values
+    features = weight.shape[1] if gemm.attrs.get("transB", 0) else weight.shape[0]
+    assert features == channels * 8 * 8
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_reshape_target_is_rewritten(explicit):
+    proto = test_models.build("reshape_matmul", explicit_features=explicit, batch="N")
+    _assert_exact_removal(proto, test_models.sample_inputs(proto, batch=2))
+
+
+def test_unnamed_nodes_get_names():
+    proto = test_models.build("conv_chain")
+    for node in proto.graph.node:
+        node.name = ""
+    dg = build_dependency_graph(_folded(proto))
+    assert all(g.sources for g in dg.groups)
+
+
+def test_prunable_share_of_conv_channels_on_resnet_and_mobilenet_blocks():
+    for name in ("resnet_basic_block", "resnet_bottleneck_block", "mobilenetv2_block"):
+        dg = build_dependency_graph(_folded(test_models.build(name)))
+        summary = dg.summary()
+        assert summary["prunable_conv_channels"] >= 0.8 * summary["conv_channels"], name
+
+
+# -- the shared real models ---------------------------------------------------------------------
+
+SHARED = [entry.key for entry in zoo.available()] if zoo.shared_models_dir() else []
+
+
+@pytest.mark.skipif(not SHARED, reason="../shared/models not present")
+@pytest.mark.parametrize("key", SHARED)
+def test_shared_model_exact_removal(key):
+    entry = zoo.get(key)
+    proto = onnx.load(entry.model_path())
+    sample = next(iter(entry.inputs(limit=1)))
+    feed = sample if isinstance(sample, dict) else {entry.input_name: sample}
+    _assert_exact_removal(proto, feed, fraction=0.25)
