@@ -141,7 +141,7 @@ def _compress_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         usage=(
             f"{PROG} IN OUT [--passes fold,...] [--calib DATA] [options]\n"
-            f"       {PROG} inspect MODEL [--json]\n"
+            f"       {PROG} inspect MODEL [--groups] [--json]\n"
             f"       {PROG} verify REF CAND [--calib DATA | --random-inputs N] [thresholds] [--json]\n"
             f"       {PROG} bench A [B] [--threads N]\n"
             f"       {PROG} demo OUTDIR"
@@ -189,7 +189,7 @@ def _compress_parser() -> argparse.ArgumentParser:
                 kwargs["metavar"] = option.metavar or option.name.upper()
                 if option.choices:
                     kwargs["choices"] = list(option.choices)
-            group.add_argument(option.cli_flag(name), **kwargs)
+            group.add_argument(option.cli_flag(name), *option.aliases, **kwargs)
     _add_data(parser, purpose="calibrating passes and for verification")
     group = _add_thresholds(parser, "verification (runs after compressing unless --no-verify)")
     group.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
@@ -214,13 +214,26 @@ def _inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=f"{PROG} inspect",
         formatter_class=_HelpFormatter,
-        description="Show a model's params, MACs (per layer and in total), op histogram, opset/IR, weight sparsity and size.",
-        epilog=f"example:\n  {PROG} inspect model.onnx --input-shape x:1x3x640x640",
+        description=(
+            "Show a model's params, MACs (per layer and in total), op histogram, opset/IR, weight sparsity and size.\n"
+            "With --groups, also the channel groups of its dependency graph: which channels the prune pass\n"
+            "removes together, and why the frozen ones cannot be pruned."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} inspect model.onnx --input-shape x:1x3x640x640\n"
+            f"  {PROG} inspect model.onnx --groups --no-layers"
+        ),
     )
     parser.add_argument("model", metavar="MODEL")
     _add_input_shape(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--no-layers", action="store_true", help="leave out the per-layer table")
+    parser.add_argument(
+        "--groups",
+        action="store_true",
+        help="also show the channel dependency groups (what structured pruning can remove together, and why others are frozen)",
+    )
     _add_general(parser)
     return parser
 
@@ -439,18 +452,34 @@ def cmd_compress(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .model_io import file_size
-    from .report import format_inspect, to_json
+    from .report import format_groups, format_inspect, to_json
     from .stats import model_stats
 
     model = _load(args.model, args)
     stats = model_stats(model, size_bytes=file_size(args.model))
+    groups = None
+    if args.groups:
+        from .depgraph import build_dependency_graph
+        from .report import dependency_graph_dict
+
+        # works on the in-memory model only (shape inference, node names); the file is never written
+        groups = dependency_graph_dict(build_dependency_graph(model))
     if args.json:
         data = stats.to_dict(layers=not args.no_layers)
         data["path"] = args.model
+        if groups is not None:
+            data.update(groups)
         print(to_json(data))
     else:
-        print(format_inspect(args.model, stats, layers=not args.no_layers))
+        text = format_inspect(args.model, stats, layers=not args.no_layers)
+        if groups is not None:
+            text += "\n\n" + _indent_text(format_groups(groups))
+        print(text)
     return 0
+
+
+def _indent_text(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line if line else line for line in text.splitlines())
 
 
 def cmd_verify(args) -> int:

@@ -309,6 +309,15 @@ class DependencyGraph:
 
         return evaluate
 
+    def unit_macs(self) -> np.ndarray:
+        """MACs each unit saves on its own (first-order), indexed by raw id (roots meaningful)."""
+        saved = np.zeros(self.num_ids)
+        for layer in self.weight_layers:
+            for ids in (layer.in_ids, layer.out_ids):
+                if ids is not None and len(ids):
+                    np.add.at(saved, self.find(ids), layer.macs / len(ids))
+        return saved
+
     @property
     def num_ids(self) -> int:
         return len(self._parent)

@@ -37,6 +37,7 @@ class PassOption:
     choices: Optional[Sequence[str]] = None
     metavar: Optional[str] = None
     is_switch: bool = False  # a boolean flag that takes no value
+    aliases: Tuple[str, ...] = ()  # extra CLI spellings (e.g. --target-macs for --prune-target-macs)
 
     def cli_flag(self, pass_name: str) -> str:
         return self.flag or f"--{pass_name}-{self.name.replace('_', '-')}"

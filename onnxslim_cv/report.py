@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -89,6 +90,149 @@ def format_passes(reports: List[PassReport]) -> str:
         lines.append(f"  {report.name}: " + "; ".join(details))
         for warning in report.warnings:
             lines.append(f"  {report.name}: warning: {warning}")
+        groups = report.details.get("groups") if isinstance(report.details, dict) else None
+        if groups:
+            lines.extend(_format_pruned_groups(report.name, groups))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- channel groups
+MAX_GROUP_ROWS = 25
+_REASON_PATTERNS = (
+    (re.compile(r"^graph output .*$"), "graph output"),
+    (re.compile(r"^.* is read inside a subgraph$"), "read inside a subgraph"),
+    (re.compile(r"^.*: shape .* does not match \d+ tracked channels$"), "shape does not match the tracked channels"),
+    (re.compile(r"^excluded by --prune-exclude .*$"), None),
+    (re.compile(r"^ratio 0 in recipe .*$"), "ratio 0 in recipe"),
+)
+_OP_REASON = re.compile(r"^([A-Z][A-Za-z0-9]*) .+?: (.+)$")
+
+
+def reason_kind(reason: str) -> str:
+    """A frozen reason without the node / tensor names, so equal causes can be counted together."""
+    for pattern, kind in _REASON_PATTERNS:
+        if pattern.match(reason):
+            return kind or reason
+    match = _OP_REASON.match(reason)
+    if match:
+        return f"{match.group(1)}: {match.group(2)}"
+    return reason
+
+
+def short_names(names: Sequence[str], limit: int = 3) -> str:
+    """'a, b, c (+2)'; '-' when empty."""
+    names = list(names or [])
+    if not names:
+        return "-"
+    text = ", ".join(names[:limit])
+    return text + (f" (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _frozen_summary(groups: Sequence[Dict[str, Any]], limit: int = 3) -> Optional[str]:
+    """'3 groups frozen: graph output (2), Reshape: ... (1)' or None when nothing is frozen."""
+    frozen = [g for g in groups if g.get("frozen")]
+    if not frozen:
+        return None
+    counts: Dict[str, int] = {}
+    for group in frozen:
+        for kind in dict.fromkeys(reason_kind(r) for r in group["frozen"]):
+            counts[kind] = counts.get(kind, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{_clip(kind, 70)} ({n})" for kind, n in ranked[:limit])
+    if len(ranked) > limit:
+        text += f", {len(ranked) - limit} other reason(s)"
+    return f"{len(frozen)}/{len(groups)} channel groups frozen: {text}"
+
+
+def _channels_after(group: Dict[str, Any]) -> int:
+    units = int(group.get("units") or 0)
+    channels = int(group.get("channels") or 0)
+    kept = group.get("kept_units")
+    if not units or kept is None:
+        return channels
+    return channels * int(kept) // units
+
+
+def _format_pruned_groups(name: str, groups: Sequence[Dict[str, Any]]) -> List[str]:
+    """The groups a structural pass changed (channels before -> after) and why others were frozen."""
+    lines: List[str] = []
+    changed = [g for g in groups if g.get("kept_units") is not None and g["kept_units"] < g.get("units", 0)]
+    if changed:
+        shown = changed[:MAX_GROUP_ROWS]
+        wide_before = max(len(str(g["channels"])) for g in shown)
+        wide_after = max(len(str(_channels_after(g))) for g in shown)
+        rows = [
+            [
+                g["id"],
+                _clip(short_names(g.get("sources", [])), 60),
+                f"{g['channels']:>{wide_before}} -> {_channels_after(g):>{wide_after}}",
+            ]
+            for g in shown
+        ]
+        lines.append(f"  {name}: {len(changed)} channel group(s) changed")
+        lines.append(_indent(table(["group", "sources", "channels"], rows, align="rlr"), "    "))
+        if len(changed) > MAX_GROUP_ROWS:
+            lines.append(f"    ... and {len(changed) - MAX_GROUP_ROWS} more")
+    frozen = _frozen_summary(groups)
+    if frozen:
+        lines.append(f"  {name}: {frozen}")
+    return lines
+
+
+def dependency_graph_dict(dg) -> Dict[str, Any]:
+    """The JSON form of a :class:`~onnxslim_cv.depgraph.DependencyGraph`'s groups, for ``inspect``."""
+    return {
+        "groups": [
+            {
+                "id": g.id,
+                "channels": g.channels,
+                "units": len(g.units),
+                "prunable": g.prunable,
+                "frozen": list(g.frozen),
+                "sources": list(g.sources),
+                "consumers": list(g.consumers),
+                "tensors": list(g.tensors),
+                "notes": list(g.notes),
+            }
+            for g in dg.groups
+        ],
+        "dependency_graph": dg.summary(),
+    }
+
+
+def format_groups(data: Dict[str, Any]) -> str:
+    """Channel groups table plus summary line, from :func:`dependency_graph_dict`."""
+    groups, summary = data["groups"], data["dependency_graph"]
+    lines = ["channel groups (channels removed together; frozen ones are never pruned):"]
+    if groups:
+        rows = []
+        for g in groups:
+            if g["prunable"]:
+                status = "prunable"
+            else:
+                extra = f" (+{len(g['frozen']) - 1})" if len(g["frozen"]) > 1 else ""
+                status = "frozen: " + _clip(g["frozen"][0], 90) + extra
+            rows.append(
+                [
+                    g["id"],
+                    g["channels"],
+                    status,
+                    _clip(short_names(g["sources"]), 60),
+                    len(g["consumers"]),
+                    _clip("; ".join(g["notes"]), 60) or "-",
+                ]
+            )
+        lines.append(_indent(table(["group", "channels", "status", "sources", "consumers", "notes"], rows, align="rrllrl")))
+    else:
+        lines.append("  (no channel groups: no tensor with a channel axis was found)")
+    lines.append(
+        f"  {summary['prunable_groups']}/{summary['groups']} groups prunable, "
+        f"{summary['prunable_conv_channels']}/{summary['conv_channels']} conv channels in prunable groups"
+    )
     return "\n".join(lines)
 
 

@@ -104,10 +104,15 @@ def shared(name: str, **kwargs) -> onnx.ModelProto:
     return _shared(name, tuple(sorted(bound.kwargs.items())))
 
 
-def run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def session_for(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run(model, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Outputs by name; ``model`` is a ModelProto or an InferenceSession to reuse."""
+    session = model if isinstance(model, ort.InferenceSession) else session_for(model)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds)))
 
@@ -203,7 +208,7 @@ def test_graph_layout_and_names(name):
             assert conv.input[2] == f"{conv.name}.bias"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LIGHT_NAMES)  # test_model_is_valid_and_runs checks the heavy ones
 def test_output_shapes_match_declared(name):
     model = shared(name, batch=2)
     outputs = run(model, M.sample_inputs(model))
@@ -587,11 +592,11 @@ def test_resnet50_topology():
     stem = convs[0]
     assert attr(stem, "kernel_shape") == [7, 7] and attr(stem, "strides") == [2, 2]
     assert weights[stem.input[1]].shape == (64, 3, 7, 7)
-    strided = [(attr(c, "kernel_shape"), weights[c.input[1]].shape[0]) for c in convs[1:] if attr(c, "strides") == [2, 2]]
+    strided = [
+        (attr(c, "kernel_shape"), weights[c.input[1]].shape[0]) for c in convs[1:] if attr(c, "strides") == [2, 2]
+    ]
     # stride on the 3x3 of each later stage's first block and on its projection shortcut
     assert strided == [([3, 3], 128), ([1, 1], 512), ([3, 3], 256), ([1, 1], 1024), ([3, 3], 512), ([1, 1], 2048)]
-    projections = [c for c in convs if any(c.output[0] in a.input for a in nodes_of(model, "Add"))]
-    assert projections == []  # projections go through BN before the Add
     for add in nodes_of(model, "Add"):
         assert {producer[i].op_type for i in add.input} <= {"BatchNormalization", "Relu", "MaxPool"}
     (fc,) = nodes_of(model, "Gemm")
@@ -628,8 +633,9 @@ def test_symbolic_batch_runs_at_several_sizes(name):
     assert declared_shape(model.graph.input[0])[0] == "N"
     assert all(declared_shape(o)[0] == "N" for o in model.graph.output)
 
+    session = session_for(model)
     for batch in (1, 3):
-        outputs = run(model, M.sample_inputs(model, batch=batch))
+        outputs = run(session, M.sample_inputs(model, batch=batch))
         for out in model.graph.output:
             assert list(outputs[out.name].shape) == [batch] + declared_shape(out)[1:]
 

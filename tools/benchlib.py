@@ -162,3 +162,66 @@ class Timer:
 def progress(message: str) -> None:
     """One status line on stderr, so stdout carries only the tables."""
     print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Data splits
+# --------------------------------------------------------------------------------------------
+
+
+def disjoint_split(entry: zoo.SharedModel, eval_limit: Optional[int], calib_limit: int) -> "tuple[int, int]":
+    """(evaluation samples, calibration samples) for ``entry`` that share no sample.
+
+    Evaluation reads the front of the model's pool and calibration its back (or a separate
+    pool, for the PP-OCR classifier), so the two are disjoint while their sum fits the pool.
+    When both asked-for counts do not fit, evaluation keeps at least half of the pool and
+    calibration gets the rest (the 20-24 image detection sets split about evenly).
+    """
+    pool = len(entry.sample_names())
+    wanted = pool if eval_limit is None else min(eval_limit, pool)
+    if entry.calibration_pool is not None:
+        return wanted, min(calib_limit, len(entry.calibration_sample_names()))
+    if wanted + calib_limit <= pool:
+        return wanted, calib_limit
+    evaluation = min(wanted, max(pool - calib_limit, (pool + 1) // 2))
+    return evaluation, min(calib_limit, pool - evaluation)
+
+
+def in_memory(calibration):
+    """The same calibration samples, read once and kept in memory (for passes run repeatedly)."""
+    from onnxslim_cv.calibration import CalibrationData
+
+    items = list(calibration)
+    return CalibrationData(
+        calibration.specs,
+        lambda: [(f"{calibration.description} item {i}", item) for i, item in enumerate(items)],
+        description=calibration.description,
+        total=sum(next(iter(item.values())).shape[0] for item in items),
+    )
+
+
+class CachedEntry:
+    """A zoo entry whose evaluation inputs are decoded once and kept in memory.
+
+    ``tools/evaluate.py`` reads (and JPEG-decodes) the samples again on every call; a benchmark
+    that evaluates many variants of one model on the same samples passes this instead.
+    Everything else is the wrapped :class:`zoo.SharedModel`'s.
+    """
+
+    def __init__(self, entry: zoo.SharedModel):
+        self._entry = entry
+        self._labelled: Dict[Any, list] = {}
+        self._inputs: Dict[Any, list] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._entry, name)
+
+    def labelled(self, limit: Optional[int] = None):
+        if limit not in self._labelled:
+            self._labelled[limit] = list(self._entry.labelled(limit))
+        return iter(self._labelled[limit])
+
+    def inputs(self, limit: Optional[int] = None, *, offset: int = 0):
+        if (limit, offset) not in self._inputs:
+            self._inputs[(limit, offset)] = list(self._entry.inputs(limit, offset=offset))
+        return iter(self._inputs[(limit, offset)])

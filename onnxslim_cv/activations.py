@@ -1,0 +1,159 @@
+"""Streaming access to intermediate activations on calibration data.
+
+Passes that learn from data (pruning importance and reconstruction, quantization ranges) need
+intermediate tensors, never all of them at once: a session exposes the requested tensors as
+extra outputs and the data are walked batch by batch, so memory does not grow with the number
+of samples.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import runtime
+from .ir import Model
+
+DEFAULT_BATCH = 16
+
+
+def tap_session(model: Model, names: Sequence[str], *, threads: Optional[int] = None):
+    """An onnxruntime session whose outputs include ``names``.
+
+    A model exported with a fixed batch of 1 would make every calibration pass run one sample
+    at a time; when its graph allows it, the batch dim is made dynamic in this session's copy.
+    """
+    proto = model.to_proto()
+    if _fixed_batch_one(proto):
+        flexible = _with_dynamic_batch(proto, names)
+        if flexible is not None:
+            return flexible
+    present = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in present:
+            proto.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
+            present.add(name)
+    return runtime.make_session(proto, threads=threads)
+
+
+def _fixed_batch_one(proto) -> bool:
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if not inputs:
+        return False
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+            return False
+    return True
+
+
+def _with_dynamic_batch(proto, names):
+    """A session on ``proto`` with a symbolic batch dim, if it runs batch 2 correctly."""
+    import copy
+
+    trial = copy.deepcopy(proto)
+    for value in list(trial.graph.input) + list(trial.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    del trial.graph.value_info[:]
+    present = {o.name for o in trial.graph.output}
+    for name in names:
+        if name not in present:
+            trial.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
+            present.add(name)
+    try:
+        session = runtime.make_session(trial)
+        feed = {}
+        for meta in session.get_inputs():
+            shape = [2] + [d if isinstance(d, int) else 1 for d in meta.shape[1:]]
+            feed[meta.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        outputs = session.run(None, feed)
+        if any(np.ndim(o) == 0 or np.shape(o)[0] != 2 for o in outputs):
+            return None
+        return session
+    except Exception:
+        return None
+
+
+def iterate(session, data, names: Sequence[str], *, batch_size: int = DEFAULT_BATCH) -> Iterator[Dict[str, np.ndarray]]:
+    """``{name: activation}`` for every batch of ``data`` (a CalibrationData or iterable of feeds)."""
+    batch_size = session_batch_size(session, batch_size)
+    batches = data.batches(batch_size) if hasattr(data, "batches") else iter(data)
+    names = list(names)
+    for feed in batches:
+        values = runtime.run(session, feed, names)
+        yield dict(zip(names, values))
+
+
+def session_batch_size(session, preferred: int) -> int:
+    """``preferred``, unless an input fixes its batch dim (many exports are batch 1)."""
+    for meta in session.get_inputs():
+        shape = meta.shape
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            return int(shape[0])
+    return preferred
+
+
+class ChannelMoments:
+    """Per-position mean, mean square and mean |x| along one axis, merged batch by batch."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.count = 0
+        self.total: Optional[np.ndarray] = None
+        self.total_sq: Optional[np.ndarray] = None
+        self.total_abs: Optional[np.ndarray] = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, 0).reshape(x.shape[self.axis], -1)
+        if self.total is None:
+            self.total = np.zeros(x.shape[0])
+            self.total_sq = np.zeros(x.shape[0])
+            self.total_abs = np.zeros(x.shape[0])
+        self.total += x.sum(axis=1)
+        self.total_sq += np.square(x).sum(axis=1)
+        self.total_abs += np.abs(x).sum(axis=1)
+        self.count += x.shape[1]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def mean_square(self) -> np.ndarray:
+        return self.total_sq / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.total_abs / max(self.count, 1)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(self.mean_square - np.square(self.mean), 0.0)
+
+
+def channel_moments(
+    model: Model,
+    axes: Dict[str, int],
+    data,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    progress=None,
+) -> Dict[str, ChannelMoments]:
+    """Moments of each tensor in ``axes`` (name -> channel axis) over ``data``."""
+    names: List[str] = list(axes)
+    moments = {name: ChannelMoments(axis) for name, axis in axes.items()}
+    if not names:
+        return moments
+    session = tap_session(model, names)
+    for values in iterate(session, data, names, batch_size=batch_size):
+        for name in names:
+            moments[name].update(values[name])
+        if progress is not None:
+            progress.update(1)
+    return moments

@@ -1,0 +1,355 @@
+"""Least-squares reconstruction of layers whose inputs lost channels.
+
+After channel removal, each consumer layer (Conv, Gemm, MatMul) sees fewer input channels.
+Following He et al., "Channel Pruning for Accelerating Very Deep Neural Networks" (ICCV 2017)
+and Luo et al., "ThiNet" (ICCV 2017), its remaining weights and bias are refit so that, on
+calibration data, its output matches the *original* layer's output:
+
+    min_W' || W X - (W' X'_kept + b') ||^2 + lam || W' - W_kept ||^2
+
+where X is the original model's input to the layer and X' the pruned model's (so errors made
+upstream are corrected downstream: layers are processed in dependency order, in stages). The
+ridge term pulls towards the unpruned weights rather than zero, so a layer with few samples
+(a classifier after global pooling) stays close to where it was. Only the normal equations
+(X'^T X' and X'^T Y, the size of the weights) are accumulated, batch by batch, so memory does
+not depend on the number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import activations, runtime
+from .graph_utils import new_constant, replace_constant_values
+from .ir import Model
+
+RECONSTRUCTABLE = ("Conv", "Gemm", "MatMul")
+MAX_ROWS_ELEMENTS = 1 << 23  # bounds the patch matrix of one batch (~64 MB in float64)
+
+
+def _pair(values, n, default):
+    values = list(values) if values is not None else []
+    return values if len(values) == n else [default] * n
+
+
+def conv_geometry(node: gs.Node, in_hw: Tuple[int, int], kernel: Tuple[int, int]):
+    """Strides, dilations, begin pads and output size of a 2-D conv, honouring auto_pad."""
+    strides = _pair(node.attrs.get("strides"), 2, 1)
+    dilations = _pair(node.attrs.get("dilations"), 2, 1)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    out_hw = []
+    begins = []
+    for i in range(2):
+        effective = (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out = -(-in_hw[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + effective - in_hw[i])
+            begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+        elif auto_pad == "VALID":
+            begin = 0
+            out = (in_hw[i] - effective) // strides[i] + 1
+        else:
+            begin = pads[i]
+            out = (in_hw[i] + pads[i] + pads[i + 2] - effective) // strides[i] + 1
+        out_hw.append(out)
+        begins.append(begin)
+    return strides, dilations, begins, out_hw
+
+
+def conv_patches(x: np.ndarray, node: gs.Node, kernel: Tuple[int, int], positions: np.ndarray) -> np.ndarray:
+    """Im2col rows of a 2-D conv input at the given flat output positions.
+
+    Returns ``[N * len(positions), C * kh * kw]`` in the order of ``weight.reshape(Cout, -1)``.
+    Out-of-image taps read zeros (the conv's zero padding).
+    """
+    n, c, h, w = x.shape
+    strides, dilations, begins, out_hw = conv_geometry(node, (h, w), kernel)
+    oy, ox = np.divmod(positions, out_hw[1])
+    ky = np.arange(kernel[0]) * dilations[0]
+    kx = np.arange(kernel[1]) * dilations[1]
+    iy = oy[:, None, None] * strides[0] - begins[0] + ky[None, :, None]  # [P, kh, 1]
+    ix = ox[:, None, None] * strides[1] - begins[1] + kx[None, None, :]  # [P, 1, kw]
+    iy, ix = np.broadcast_arrays(iy, ix)
+    valid = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    gathered = x[:, :, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]  # [N, C, P, kh, kw]
+    gathered = gathered * valid[None, None]
+    return gathered.transpose(0, 2, 1, 3, 4).reshape(n * len(positions), c * kernel[0] * kernel[1])
+
+
+def output_positions(node: gs.Node, x_shape, kernel) -> int:
+    _, _, _, out_hw = conv_geometry(node, (x_shape[2], x_shape[3]), kernel)
+    return int(out_hw[0] * out_hw[1])
+
+
+@dataclass
+class Consumer:
+    """A layer to refit: its node name, and which original input / output positions it keeps."""
+
+    name: str
+    in_keep: np.ndarray
+    out_keep: np.ndarray
+    gram: Optional[np.ndarray] = None
+    cross: Optional[np.ndarray] = None
+    rows: int = 0
+    target_energy: float = 0.0
+    error_before: float = 0.0
+    error_after: float = 0.0
+    skipped: Optional[str] = None
+
+
+def _as_matrix(node: gs.Node) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The layer as ``W [Cout, D]`` (conv weights flattened) and its bias (or None)."""
+    weight = np.asarray(node.inputs[1].values)
+    bias = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+    if node.op == "Conv":
+        return weight.reshape(weight.shape[0], -1), bias
+    if node.op == "Gemm":
+        matrix = weight if node.attrs.get("transB", 0) else weight.T
+        if bias is not None and bias.size != matrix.shape[0]:
+            bias = np.broadcast_to(bias.reshape(-1), (matrix.shape[0],)) if bias.size == 1 else None
+        return matrix, bias
+    return weight.T, None  # MatMul
+
+
+def reconstructable(node: gs.Node) -> Optional[str]:
+    """None if ``node`` can be refit, else the reason it cannot."""
+    if node.op not in RECONSTRUCTABLE:
+        return "not a Conv / Gemm / MatMul"
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return "weight is not a constant"
+    if node.op == "Conv":
+        weight = node.inputs[1].values
+        if int(node.attrs.get("group", 1)) != 1:
+            return "grouped conv"
+        if weight.ndim != 4:
+            return "only 2-D convs are refit"
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
+            return "Gemm with transA / alpha / beta"
+        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
+            return "Gemm bias is not a constant"
+    if node.op == "MatMul" and node.inputs[1].values.ndim != 2:
+        return "batched MatMul weight"
+    return None
+
+
+def _rows(node: gs.Node, x: np.ndarray, kernel, positions) -> np.ndarray:
+    if node.op == "Conv":
+        return conv_patches(x, node, kernel, positions)
+    return x.reshape(-1, x.shape[-1]) if positions is None else x.reshape(-1, x.shape[-1])[positions]
+
+
+def _stages(model: Model, names: Sequence[str]) -> List[List[str]]:
+    """Consumers grouped so that no consumer feeds another one of its own stage."""
+    wanted = set(names)
+    level: Dict[str, int] = {}
+    node_level: Dict[str, int] = {}
+    for node in model.graph.nodes:  # topological order
+        depth = max([level.get(t.name, 0) for t in node.inputs if isinstance(t, gs.Variable)] or [0])
+        node_level[node.name] = depth
+        out_depth = depth + (1 if node.name in wanted else 0)
+        for tensor in node.outputs:
+            level[tensor.name] = out_depth
+    stages: Dict[int, List[str]] = {}
+    for name in names:
+        stages.setdefault(node_level[name], []).append(name)
+    return [stages[k] for k in sorted(stages)]
+
+
+def reconstruct(
+    original: Model,
+    pruned: Model,
+    consumers: Sequence[Consumer],
+    data,
+    *,
+    ridge: float = 1e-2,
+    positions_per_sample: int = 256,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> List[Consumer]:
+    """Refit every consumer of ``pruned`` in place (see the module docstring)."""
+    orig_nodes = {n.name: n for n in original.graph.nodes}
+    new_nodes = {n.name: n for n in pruned.graph.nodes}
+    by_name = {c.name: c for c in consumers}
+    todo = []
+    for consumer in consumers:
+        reason = reconstructable(orig_nodes[consumer.name])
+        if reason:
+            consumer.skipped = reason
+        else:
+            todo.append(consumer.name)
+    stages = _stages(pruned, todo)
+    input_names = sorted({orig_nodes[n].inputs[0].name for n in todo})
+    original_session = activations.tap_session(original, input_names) if todo else None
+    rng = np.random.default_rng(seed)
+    for stage in stages:
+        names = sorted({orig_nodes[n].inputs[0].name for n in stage})
+        pruned_session = activations.tap_session(pruned, names)
+        size = activations.session_batch_size(pruned_session, batch_size)
+        batches = data.batches(size) if hasattr(data, "batches") else iter(data)
+        for feed in batches:
+            reference = dict(zip(names, runtime.run(original_session, feed, names)))
+            current = dict(zip(names, runtime.run(pruned_session, feed, names)))
+            for name in stage:
+                _accumulate(by_name[name], orig_nodes[name], reference, current, rng, positions_per_sample)
+        for name in stage:
+            _solve(by_name[name], orig_nodes[name], new_nodes[name], pruned, ridge)
+        if progress is not None:
+            progress.update(1)
+    return list(consumers)
+
+
+def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, positions_per_sample) -> None:
+    x = reference[node.inputs[0].name]
+    x_new = current[node.inputs[0].name]
+    matrix, _ = _as_matrix(node)
+    matrix = matrix[consumer.out_keep]
+    if node.op == "Conv":
+        kernel = tuple(node.inputs[1].values.shape[2:])
+        total = output_positions(node, x.shape, kernel)
+        columns = x.shape[1] * kernel[0] * kernel[1]
+        budget = max(1, min(positions_per_sample, MAX_ROWS_ELEMENTS // max(1, columns * x.shape[0])))
+        positions = np.sort(rng.choice(total, size=min(total, budget), replace=False))
+    else:
+        kernel = None
+        rows = int(np.prod(x.shape[:-1]))
+        positions = None if rows <= 4096 else np.sort(rng.choice(rows, size=4096, replace=False))
+    rows_orig = _rows(node, x.astype(np.float64), kernel, positions)
+    rows_new = _rows(node, x_new.astype(np.float64), kernel, positions)
+    target = rows_orig @ matrix.T.astype(np.float64)
+    design = np.concatenate([rows_new, np.ones((rows_new.shape[0], 1))], axis=1)
+    if consumer.gram is None:
+        consumer.gram = np.zeros((design.shape[1], design.shape[1]))
+        consumer.cross = np.zeros((design.shape[1], target.shape[1]))
+    design32 = design.astype(np.float32)
+    consumer.gram += (design32.T @ design32).astype(np.float64)
+    consumer.cross += (design32.T @ target.astype(np.float32)).astype(np.float64)
+    consumer.rows += design.shape[0]
+    consumer.target_energy += float(np.square(target).sum())
+
+
+def _solve(consumer: Consumer, orig_node: gs.Node, node: gs.Node, pruned: Model, ridge: float) -> None:
+    if consumer.gram is None or consumer.rows == 0:
+        consumer.skipped = "no calibration rows"
+        return
+    gram, cross = consumer.gram, consumer.cross
+    current, current_bias = _as_matrix(node)  # pruned weights, [Cout_kept, D_kept]
+    _, orig_bias = _as_matrix(orig_node)
+    dim = gram.shape[0] - 1
+    if current.shape[1] != dim:
+        consumer.skipped = f"shape mismatch ({current.shape[1]} vs {dim})"
+        return
+    prior = np.concatenate([current.T, np.zeros((1, current.shape[0]))], axis=0).astype(np.float64)
+    # the prior's bias row: the target excludes the bias, so the prior offset is zero
+    scale = float(np.trace(gram[:dim, :dim])) / max(dim, 1)
+    lam = ridge * scale if scale > 0 else ridge
+    regulariser = np.full(dim + 1, lam)
+    regulariser[dim] = 0.0
+    system = gram + np.diag(regulariser)
+    try:
+        solution = np.linalg.solve(system, cross + regulariser[:, None] * prior)
+    except np.linalg.LinAlgError:
+        solution = np.linalg.lstsq(system, cross + regulariser[:, None] * prior, rcond=None)[0]
+
+    def error(params):
+        # relative squared output error on the calibration rows, from the normal equations
+        residual = consumer.target_energy + float(np.sum(params * (gram @ params)) - 2 * np.sum(params * cross))
+        return max(residual, 0.0) / max(consumer.target_energy, 1e-30)
+
+    consumer.error_before = error(prior)
+    consumer.error_after = error(solution)
+    if consumer.error_after > consumer.error_before:
+        consumer.skipped = "refit did not reduce the error"
+        return
+    new_matrix = solution[:dim].T.astype(np.float32)
+    new_bias = solution[dim].astype(np.float32)
+    base_bias = orig_bias[consumer.out_keep] if orig_bias is not None else np.zeros(new_matrix.shape[0], np.float32)
+    _write(pruned, node, new_matrix, (base_bias + new_bias).astype(np.float32))
+
+
+def _write(model: Model, node: gs.Node, matrix: np.ndarray, bias: np.ndarray) -> None:
+    graph = model.graph
+    weight = node.inputs[1].values
+    if node.op == "Conv":
+        replace_constant_values(graph, node, 1, matrix.reshape(weight.shape).astype(weight.dtype))
+        _set_bias(graph, node, 2, bias.astype(weight.dtype))
+    elif node.op == "Gemm":
+        values = matrix if node.attrs.get("transB", 0) else matrix.T
+        replace_constant_values(graph, node, 1, values.astype(weight.dtype))
+        _set_bias(graph, node, 2, bias.astype(weight.dtype))
+    else:  # MatMul: bias goes into a following Add
+        replace_constant_values(graph, node, 1, matrix.T.astype(weight.dtype))
+        if np.any(bias != 0):
+            _add_bias_after(graph, node, bias.astype(weight.dtype))
+
+
+def _set_bias(graph: gs.Graph, node: gs.Node, index: int, bias: np.ndarray) -> None:
+    if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
+        replace_constant_values(graph, node, index, bias.reshape(node.inputs[index].values.shape) if node.inputs[index].values.size == bias.size else bias)
+    else:
+        constant = new_constant(graph, f"{node.name}.bias", bias)
+        while len(node.inputs) < index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.append(constant)
+
+
+def _add_bias_after(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
+    output = node.outputs[0]
+    consumers = list(output.outputs)
+    for consumer in consumers:
+        if consumer.op == "Add":
+            other = [t for t in consumer.inputs if t is not output]
+            if len(other) == 1 and isinstance(other[0], gs.Constant) and other[0].values.size == bias.size:
+                index = consumer.inputs.index(other[0])
+                replace_constant_values(graph, consumer, index, (other[0].values.reshape(-1) + bias).reshape(other[0].values.shape))
+                return
+    fresh = gs.Variable(f"{output.name}_unbiased", dtype=output.dtype, shape=output.shape)
+    node.outputs[0] = fresh
+    constant = new_constant(graph, f"{node.name}.bias", bias)
+    add = gs.Node("Add", name=f"{node.name}_bias", inputs=[fresh, constant], outputs=[output])
+    graph.nodes.append(add)
+
+
+def bias_compensation(
+    original: Model, pruned: Model, consumers: Sequence[Consumer], means: Dict[str, np.ndarray]
+) -> int:
+    """Fold the removed channels' mean contribution into each consumer's bias.
+
+    A removed channel that carried a constant signal (a BN beta after ReLU, say) would
+    otherwise shift every output it fed; its mean ``E[x_c]`` times the consumer's weights is
+    exactly that shift (up to border effects of padded convs). Returns the number of layers.
+    """
+    orig_nodes = {n.name: n for n in original.graph.nodes}
+    new_nodes = {n.name: n for n in pruned.graph.nodes}
+    changed = 0
+    for consumer in consumers:
+        node = orig_nodes[consumer.name]
+        if reconstructable(node) or node.inputs[0].name not in means:
+            continue
+        removed = ~consumer.in_keep
+        if not removed.any():
+            continue
+        matrix, bias = _as_matrix(node)
+        mean = means[node.inputs[0].name]
+        if node.op == "Conv":
+            kernel_area = int(np.prod(node.inputs[1].values.shape[2:]))
+            per_column = np.repeat(mean, kernel_area)
+            removed_columns = np.repeat(removed, kernel_area)
+        else:
+            per_column = mean
+            removed_columns = removed
+        shift = matrix[:, removed_columns] @ per_column[removed_columns]
+        shift = shift[consumer.out_keep]
+        target = new_nodes[consumer.name]
+        current, current_bias = _as_matrix(target)
+        base = current_bias if current_bias is not None else np.zeros(current.shape[0], np.float32)
+        _write(pruned, target, current, (base + shift).astype(np.float32))
+        changed += 1
+    return changed

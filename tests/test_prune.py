@@ -1,0 +1,209 @@
+"""The ``prune`` pass: budgets, rounding, recovery, bad input, and outputs before/after."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_cv import runtime
+from onnxslim_cv.calibration import from_iterable
+from onnxslim_cv.depgraph import build_dependency_graph
+from onnxslim_cv.errors import UserError
+from onnxslim_cv.ir import Model
+from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+from onnxslim_cv.stats import model_stats
+from onnxslim_cv.testing import models as test_models
+
+from .conftest import assert_one_line_error
+
+
+def _calibration(proto, count=32, seed=1):
+    specs = Model.from_proto(proto).input_specs()
+    return from_iterable([test_models.sample_inputs(proto, batch=1, seed=seed + i) for i in range(count)], specs)
+
+
+def _prune(proto, calib=None, **options):
+    model = Model.from_proto(proto)
+    passes = make_passes(["fold", "prune"], {"prune": options})
+    out, reports = run_passes(model, passes, context=PassContext(calibration=calib, progress=False))
+    return out, reports[1]
+
+
+def _outputs(model_or_proto, feed):
+    proto = model_or_proto.to_proto() if isinstance(model_or_proto, Model) else model_or_proto
+    return runtime.run(runtime.make_session(proto, optimize=False), feed)
+
+
+def _relative_error(a, b):
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-12))
+
+
+def test_ratio_zero_leaves_outputs_bit_identical():
+    proto = test_models.build("resnet_basic_block")
+    model = Model.from_proto(proto)
+    passes = make_passes(["prune"], {"prune": {"ratio": 0.0}})
+    out, _ = run_passes(model, passes, context=PassContext(progress=False))
+    feed = test_models.sample_inputs(proto)
+    for a, b in zip(_outputs(proto, feed), _outputs(out, feed)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic_block", "mobilenetv2_block", "squeezenet_fire", "se_gemm", "split_concat"])
+def test_ratio_removes_channels_and_result_is_valid(name):
+    proto = test_models.build(name, batch="N")
+    out, report = _prune(proto, ratio=0.5, round_to=1)
+    pruned = out.to_proto()
+    onnx.checker.check_model(pruned)
+    assert pruned.ir_version <= runtime.max_ir_version()
+    assert report.changes["channels removed"] > 0
+    assert report.after.params < report.before.params
+    assert report.after.macs < report.before.macs
+    for batch in (1, 2):
+        outputs = _outputs(pruned, test_models.sample_inputs(proto, batch=batch))
+        assert outputs[0].shape[0] == batch
+
+
+def test_target_macs_is_met_and_close():
+    proto = test_models.build("resnet_bottleneck_block")
+    out, report = _prune(proto, target_macs=0.6, round_to=1)
+    ratio = report.after.macs / report.before.macs
+    assert 0.5 <= ratio <= 0.6 + 1e-9
+
+
+def test_round_to_keeps_channel_counts_aligned_and_never_over_prunes():
+    proto = test_models.build("resnet_basic_block")  # groups of 16 channels
+    out, report = _prune(proto, ratio=0.3, round_to=8)
+    for row in report.details["groups"]:
+        kept = row["channels"] * row["kept_units"] // row["units"]
+        if kept != row["channels"]:
+            assert kept % 8 == 0
+            assert kept >= row["channels"] * (1 - 0.3)  # rounded up, not down
+
+
+def test_min_channels_and_exclude():
+    proto = test_models.build("conv_chain")
+    out, report = _prune(proto, ratio=0.9, round_to=1, min_channels=6)
+    for row in report.details["groups"]:
+        if row["kept_units"] != row["units"]:
+            assert row["channels"] * row["kept_units"] // row["units"] >= 6
+    out, report = _prune(proto, ratio=0.5, round_to=1, exclude="conv1$")
+    row = next(r for r in report.details["groups"] if "conv1" in r["sources"])
+    assert row["kept_units"] == row["units"]
+    assert any("excluded" in reason for reason in row["frozen"])
+
+
+def test_recipe_sets_options_and_per_group_ratios(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"ratio": 0.5, "round_to": 1, "groups": {"^conv2$": 0.25, "^conv1$": 0}}))
+    proto = test_models.build("conv_chain")
+    out, report = _prune(proto, recipe=str(recipe))
+    rows = {tuple(r["sources"]): r for r in report.details["groups"]}
+    conv1 = next(r for s, r in rows.items() if "conv1" in s)
+    conv2 = next(r for s, r in rows.items() if "conv2" in s)
+    assert conv1["kept_units"] == conv1["units"]
+    assert conv2["units"] - conv2["kept_units"] == int(conv2["units"] * 0.25)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "activation", "reconstruction"])
+def test_every_criterion_runs(criterion):
+    proto = test_models.build("resnet_basic_block")
+    calib = _calibration(proto, 8) if criterion in ("activation", "reconstruction") else None
+    out, report = _prune(proto, calib, ratio=0.5, round_to=1, criterion=criterion, recovery="none")
+    assert report.changes["channels removed"] > 0
+
+
+def test_reconstruction_and_bias_compensation_reduce_the_error():
+    proto = test_models.build("resnet_bottleneck_block")
+    calib = _calibration(proto, 48, seed=100)
+    feed = test_models.sample_inputs(proto, batch=8, seed=7)
+    reference = _outputs(proto, feed)[0]
+    errors = {}
+    for recovery in ("none", "bias", "lsq"):
+        out, report = _prune(proto, calib, ratio=0.4, round_to=1, criterion="l2", recovery=recovery)
+        errors[recovery] = _relative_error(reference, _outputs(out, feed)[0])
+    assert errors["lsq"] < 0.7 * errors["none"], errors
+    assert errors["bias"] <= errors["none"] * 1.001, errors
+
+
+def test_lsq_refits_every_consumer_and_reports_errors():
+    proto = test_models.build("mobilenetv2_block")
+    out, report = _prune(proto, _calibration(proto, 16), ratio=0.5, round_to=1)
+    rows = report.details["reconstruction"]
+    assert rows
+    for row in rows:
+        if "skipped" not in row:
+            assert row["error_after"] <= row["error_before"]
+
+
+def test_nothing_prunable_leaves_the_model_unchanged():
+    proto = test_models.build("channel_shuffle")
+    model = Model.from_proto(proto)
+    passes = make_passes(["prune"], {"prune": {"ratio": 0.5}})
+    out, reports = run_passes(model, passes, context=PassContext(progress=False))
+    assert any("nothing prunable" in note for note in reports[0].notes)
+    feed = test_models.sample_inputs(proto)
+    for a, b in zip(_outputs(proto, feed), _outputs(out, feed)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ratio": 1.0}, "ratio must be in"),
+        ({"ratio": -0.1}, "ratio must be in"),
+        ({"target_macs": 0.0}, "target MACs must be in"),
+        ({}, "give --prune-ratio"),
+        ({"ratio": 0.2, "target_macs": 0.5}, "alternatives"),
+        ({"ratio": 0.2, "exclude": "("}, "regular expression"),
+        ({"ratio": 0.2, "recovery": "lsq"}, "needs calibration"),
+    ],
+)
+def test_bad_options_are_user_errors(options, message):
+    proto = test_models.build("conv_chain")
+    with pytest.raises(UserError, match=message):
+        _prune(proto, **options)
+
+
+def test_unreachable_target_is_a_user_error():
+    proto = test_models.build("conv_chain")
+    with pytest.raises(UserError, match="unreachable"):
+        _prune(proto, target_macs=0.01, round_to=1)
+
+
+def test_bad_recipe_is_a_user_error(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        _prune(test_models.build("conv_chain"), recipe=str(recipe))
+    recipe.write_text(json.dumps({"ratio": 0.2, "bogus": 1}))
+    with pytest.raises(UserError, match="unknown key"):
+        _prune(test_models.build("conv_chain"), recipe=str(recipe))
+
+
+def test_cli_prune_end_to_end(tmp_path, cli):
+    proto = test_models.build("resnet_basic_block", batch="N")
+    src = tmp_path / "in.onnx"
+    onnx.save(proto, src)
+    before = src.read_bytes()
+    out = tmp_path / "out.onnx"
+    result = cli(str(src), str(out), "--passes", "fold,prune", "--target-macs", "0.6", "--round-to", "1", "--random-inputs", "8", "--min-cosine", "0.5")
+    assert result.code == 0, result.err
+    assert src.read_bytes() == before
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned)
+    stats = model_stats(Model.from_proto(pruned), refresh_shapes=True)
+    original = model_stats(Model.from_proto(proto), refresh_shapes=True)
+    assert stats.macs <= 0.6 * original.macs + 1
+
+
+@pytest.mark.parametrize("args", [["--prune-ratio", "1.5"], ["--target-macs", "0.001", "--round-to", "1"]])
+def test_cli_bad_budget_exits_2_without_output(tmp_path, cli, args):
+    src = tmp_path / "in.onnx"
+    onnx.save(test_models.build("conv_chain"), src)
+    out = tmp_path / "out.onnx"
+    result = cli(str(src), str(out), "--passes", "prune", *args)
+    assert_one_line_error(result)
+    assert not out.exists()
