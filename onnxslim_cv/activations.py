@@ -12,7 +12,6 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from . import runtime
 from .ir import Model
@@ -20,23 +19,33 @@ from .ir import Model
 DEFAULT_BATCH = 16
 
 
-def tap_session(model: Model, names: Sequence[str], *, threads: Optional[int] = None):
+def tap_session(model: Model, names: Sequence[str], *, threads: Optional[int] = None, dynamic_batch: Optional[bool] = None):
     """An onnxruntime session whose outputs include ``names``.
 
     A model exported with a fixed batch of 1 would make every calibration pass run one sample
-    at a time; when its graph allows it, the batch dim is made dynamic in this session's copy.
+    at a time; when its graph allows it (``dynamic_batch``; None probes with
+    :func:`batch_can_grow`), this session's copy gets a symbolic batch dim.
     """
-    proto = model.to_proto()
-    if _fixed_batch_one(proto):
-        flexible = _with_dynamic_batch(proto, names)
-        if flexible is not None:
-            return flexible
-    present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            proto.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
-            present.add(name)
-    return runtime.make_session(proto, threads=threads)
+    proto = runtime.with_outputs(model.to_proto(), names)
+    if dynamic_batch is None:
+        dynamic_batch = batch_can_grow(proto)
+    return runtime.make_session(_relax_batch(proto) if dynamic_batch else proto, threads=threads)
+
+
+def batch_can_grow(proto: onnx.ModelProto) -> bool:
+    """True for a batch-1 export that runs batch 2 correctly once its batch dim is symbolic."""
+    if not _fixed_batch_one(proto):
+        return False
+    try:
+        session = runtime.make_session(_relax_batch(proto))
+        feed = {}
+        for meta in session.get_inputs():
+            shape = [2] + [d if isinstance(d, int) else 1 for d in meta.shape[1:]]
+            feed[meta.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        outputs = session.run(None, feed)
+    except Exception:
+        return False
+    return all(np.ndim(o) > 0 and np.shape(o)[0] == 2 for o in outputs)
 
 
 def _fixed_batch_one(proto) -> bool:
@@ -50,34 +59,16 @@ def _fixed_batch_one(proto) -> bool:
     return True
 
 
-def _with_dynamic_batch(proto, names):
-    """A session on ``proto`` with a symbolic batch dim, if it runs batch 2 correctly."""
-    import copy
-
-    trial = copy.deepcopy(proto)
-    for value in list(trial.graph.input) + list(trial.graph.output):
+def _relax_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(proto)
+    for value in list(relaxed.graph.input) + list(relaxed.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims:
             dims[0].Clear()
             dims[0].dim_param = "batch"
-    del trial.graph.value_info[:]
-    present = {o.name for o in trial.graph.output}
-    for name in names:
-        if name not in present:
-            trial.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
-            present.add(name)
-    try:
-        session = runtime.make_session(trial)
-        feed = {}
-        for meta in session.get_inputs():
-            shape = [2] + [d if isinstance(d, int) else 1 for d in meta.shape[1:]]
-            feed[meta.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        outputs = session.run(None, feed)
-        if any(np.ndim(o) == 0 or np.shape(o)[0] != 2 for o in outputs):
-            return None
-        return session
-    except Exception:
-        return None
+    del relaxed.graph.value_info[:]
+    return relaxed
 
 
 def iterate(session, data, names: Sequence[str], *, batch_size: int = DEFAULT_BATCH) -> Iterator[Dict[str, np.ndarray]]:

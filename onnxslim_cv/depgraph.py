@@ -155,10 +155,6 @@ def _product(dims: Sequence[object]) -> Optional[Tuple[int, int]]:
     return total, dynamic
 
 
-def _static_int(value: object) -> Optional[int]:
-    return value if isinstance(value, int) else None
-
-
 def _const(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
@@ -278,15 +274,9 @@ class DependencyGraph:
 
     def macs(self, removed: Optional[Iterable[int]] = None) -> int:
         """Estimated MACs of the weight layers after removing ``removed`` units."""
-        removed_arr = np.asarray(sorted(set(removed or ())), dtype=np.int64)
-        total = 0.0
-        for layer in self.weight_layers:
-            fraction = 1.0
-            for ids in (layer.in_ids, layer.out_ids):
-                if ids is not None and len(ids) and len(removed_arr):
-                    fraction *= float(self.keep_mask(ids, removed_arr).sum()) / len(ids)
-            total += layer.macs * fraction
-        return int(round(total))
+        mask = np.zeros(self.num_ids, dtype=bool)
+        mask[np.asarray(sorted(set(removed or ())), dtype=np.int64)] = True
+        return int(round(self.macs_function()(mask)))
 
     def macs_function(self) -> Callable[[np.ndarray], float]:
         """A fast ``removed-mask -> MACs`` function for budget searches.
@@ -366,15 +356,13 @@ class DependencyGraph:
                 member_roots[root].append(member)
         fixup_roots: Dict[int, Set[str]] = defaultdict(set)
         for fixup in self.fixups:
-            for key in ("ids", "out_ids"):
-                if key in fixup.data:
-                    for root in np.unique(self.find(fixup.data[key])).tolist():
-                        fixup_roots[root].add(fixup.node.name)
+            for root in np.unique(self.find(fixup.data["ids"])).tolist():
+                fixup_roots[root].add(fixup.node.name)
         groups = []
         for names, roots in sorted(by_key.items(), key=lambda kv: min(first_position[r] for r in kv[1])):
             roots = sorted(roots, key=lambda r: first_position[r])
             sources, consumers, nodes = [], [], []
-            for root in roots[:1] + roots[1:]:
+            for root in roots:
                 for member in member_roots.get(root, []):
                     target = {"out": sources, "in": consumers}.get(member.role)
                     if target is not None and member.node.name not in target:
@@ -582,7 +570,7 @@ class _Builder:
                     self.dg.unify_all(
                         np.concatenate([layout.ids[k * cin_g : (k + 1) * cin_g], out_ids[k * cout_g : (k + 1) * cout_g]])
                     )
-                self.fixup("conv_group", node, out_ids=out_ids, per_group=cout_g)
+                self.fixup("conv_group", node, ids=out_ids, per_group=cout_g)
         self.weight_layer(node, in_ids, out_ids)
         self.set(node.outputs[0], 1, out_ids)
 
@@ -1232,38 +1220,26 @@ def prune_channels(model: Model, dg: DependencyGraph, removed_units: Iterable[in
     return counts
 
 
-def _kept(dg: DependencyGraph, ids: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    return dg.keep_mask(ids, removed)
-
-
 def _apply_fixup(dg: DependencyGraph, fixup: Fixup, removed: np.ndarray) -> bool:
+    """Rewrite one attribute or shape constant; False when its channels are all kept."""
     node, data = fixup.node, fixup.data
     graph = dg.model.graph
+    keep = dg.keep_mask(data["ids"], removed)
+    if keep.all():
+        return False
     if fixup.kind == "conv_group":
-        keep = _kept(dg, data["out_ids"], removed)
-        if keep.all():
-            return False
         node.attrs["group"] = int(keep.sum()) // data["per_group"]
         return True
     if fixup.kind == "num_groups":
-        keep = _kept(dg, data["ids"], removed)
-        if keep.all():
-            return False
         node.attrs["num_groups"] = int(keep.sum())
         return True
     if fixup.kind == "reshape":
-        keep = _kept(dg, data["ids"], removed)
-        if keep.all():
-            return False
         target = np.array(node.inputs[1].values, copy=True)
         target[data["position"]] = int(keep.sum())
         replace_constant_values(graph, node, 1, target.astype(node.inputs[1].values.dtype))
         return True
     if fixup.kind == "split":
-        sizes = [int(_kept(dg, part, removed).sum()) for part in data["parts"]]
-        old = [len(part) for part in data["parts"]]
-        if sizes == old:
-            return False
+        sizes = [int(dg.keep_mask(part, removed).sum()) for part in data["parts"]]
         if "split" in node.attrs:
             node.attrs["split"] = sizes
         elif len(node.inputs) > 1 and _input(node, 1) is not None:
@@ -1279,9 +1255,6 @@ def _apply_fixup(dg: DependencyGraph, fixup: Fixup, removed: np.ndarray) -> bool
             node.attrs["split"] = sizes
         return True
     if fixup.kind == "slice":
-        keep = _kept(dg, data["ids"], removed)
-        if keep.all():
-            return False
         start = int(keep[: data["start"]].sum())
         stop = start + int(keep[data["start"] : data["stop"]].sum())
         for index, value in ((1, start), (2, stop)):
@@ -1290,18 +1263,12 @@ def _apply_fixup(dg: DependencyGraph, fixup: Fixup, removed: np.ndarray) -> bool
             replace_constant_values(graph, node, index, values)
         return True
     if fixup.kind == "gather":
-        keep = _kept(dg, data["ids"], removed)
-        if keep.all():
-            return False
         new_index = np.cumsum(keep) - 1
         picked = data["picked"][keep[data["picked"]]]
         dtype = node.inputs[1].values.dtype
         replace_constant_values(graph, node, 1, new_index[picked].astype(dtype))
         return True
     if fixup.kind == "resize_sizes":
-        keep = _kept(dg, data["ids"], removed)
-        if keep.all():
-            return False
         sizes = np.array(node.inputs[3].values, copy=True)
         sizes[data["slot"]] = int(keep.sum())
         replace_constant_values(graph, node, 3, sizes)

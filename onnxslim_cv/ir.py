@@ -250,11 +250,7 @@ class Model:
             return False
         names = [t.name for t in tensors if t.name]
         try:
-            proto = self.to_proto()
-            present = {o.name for o in proto.graph.output}
-            for name in names:
-                if name not in present:
-                    proto.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
+            proto = runtime.with_outputs(self.to_proto(), names)
             session = runtime.make_session(proto, optimize=False)
             rng = np.random.default_rng(seed)
             feed = {

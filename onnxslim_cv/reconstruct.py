@@ -187,11 +187,12 @@ def reconstruct(
             todo.append(consumer.name)
     stages = _stages(pruned, todo)
     input_names = sorted({orig_nodes[n].inputs[0].name for n in todo})
-    original_session = activations.tap_session(original, input_names) if todo else None
+    dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), input_names)) if todo else False
+    original_session = activations.tap_session(original, input_names, dynamic_batch=dynamic_batch) if todo else None
     rng = np.random.default_rng(seed)
     for stage in stages:
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
-        pruned_session = activations.tap_session(pruned, names)
+        pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch)
         size = activations.session_batch_size(pruned_session, batch_size)
         batches = data.batches(size) if hasattr(data, "batches") else iter(data)
         for feed in batches:

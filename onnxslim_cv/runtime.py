@@ -131,6 +131,16 @@ _ORT_TYPES = {
 }
 
 
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``proto`` (changed in place) with the tensors ``names`` added as graph outputs."""
+    present = {o.name for o in proto.graph.output}
+    for name in names:
+        if name and name not in present:
+            proto.graph.output.append(helper.make_value_info(name, onnx.TypeProto()))
+            present.add(name)
+    return proto
+
+
 def run(session: ort.InferenceSession, feed: Dict[str, np.ndarray], outputs: Optional[Sequence[str]] = None):
     """Run with inputs cast to what the session declares (npz files often hold float64)."""
     typed = {}

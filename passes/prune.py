@@ -222,12 +222,10 @@ class PrunePass(Pass):
         if not prunable:
             reasons = sorted({g.frozen[0] for g in dg.groups if g.frozen})
             report.notes.append("nothing prunable: every channel group is frozen (" + "; ".join(reasons[:5]) + ")")
-            report.details["groups"] = [_group_row(g, {}) for g in dg.groups]
+            report.details["groups"] = [_group_row(g, set()) for g in dg.groups]
             return report
 
-        moments = None
-        if criterion in DATA_CRITERIA or recovery == "bias" or data is not None:
-            moments = _consumer_moments(model, dg, data, context) if data is not None else None
+        moments = _consumer_moments(model, dg, data, context) if data is not None else None
         scores = unit_scores(model, dg, criterion, moments)
 
         limits = _group_limits(dg, round_to, config["min_channels"])
@@ -239,7 +237,7 @@ class PrunePass(Pass):
         macs_before = dg.macs()
         if not removed:
             report.notes.append("no channel removed (ratio too small for the rounding, or nothing prunable)")
-            report.details["groups"] = [_group_row(g, {}) for g in dg.groups]
+            report.details["groups"] = [_group_row(g, set()) for g in dg.groups]
             return report
 
         original = model.copy() if recovery != "none" else None
@@ -527,7 +525,7 @@ def _group_row(group: ChannelGroup, removed: set) -> Dict[str, Any]:
         "nodes": group.nodes,
         "channels": group.channels,
         "units": len(group.units),
-        "kept_units": len(group.units) - len(set(removed).intersection(group.units)),
+        "kept_units": len(group.units) - len(removed.intersection(group.units)),
         "frozen": group.frozen,
         "notes": group.notes,
     }
