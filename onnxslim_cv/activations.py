@@ -37,7 +37,7 @@ def batch_can_grow(proto: onnx.ModelProto) -> bool:
     if not _fixed_batch_one(proto):
         return False
     try:
-        session = runtime.make_session(_relax_batch(proto))
+        session = runtime.make_session(_relax_batch(proto), quiet=True)
         feed = {}
         for meta in session.get_inputs():
             shape = [2] + [d if isinstance(d, int) else 1 for d in meta.shape[1:]]

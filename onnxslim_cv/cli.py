@@ -191,6 +191,12 @@ def _compress_parser() -> argparse.ArgumentParser:
                     kwargs["choices"] = list(option.choices)
             group.add_argument(option.cli_flag(name), *option.aliases, **kwargs)
     _add_data(parser, purpose="calibrating passes and for verification")
+    parser.add_argument(
+        "--val",
+        metavar="PATH",
+        help="held-out inputs (same formats and preprocessing as --calib) for accuracy targets such as "
+        "--max-drop; default: the calibration data",
+    )
     group = _add_thresholds(parser, "verification (runs after compressing unless --no-verify)")
     group.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     group.add_argument("--keep-failed", action="store_true", help="write OUT even when a gate fails (still exits 1)")
@@ -345,6 +351,17 @@ def _data(args, specs, *, purpose: str):
     return data
 
 
+def _validation(args, specs):
+    """The --val data, read with the same preprocessing flags as --calib."""
+    from .calibration import from_path, preprocess_from_args
+
+    if not getattr(args, "val", None):
+        return None
+    data = from_path(args.val, specs, preprocess=preprocess_from_args(args))
+    _peek(data)
+    return data
+
+
 def _peek(data) -> None:
     """Read the first item now, so bad data fails before minutes of work."""
     for _ in data:
@@ -400,7 +417,8 @@ def cmd_compress(args) -> int:
     if needs and data is None:
         raise UserError(f"pass {', '.join(needs)} needs calibration data: add --calib PATH")
 
-    context = PassContext(calibration=data, seed=args.seed, progress=_progress(args))
+    validation = _validation(args, model.input_specs())
+    context = PassContext(calibration=data, validation=validation, seed=args.seed, progress=_progress(args))
     result, reports = run_passes(model, passes, context=context)
     _print(args, f"{args.input} -> {args.output}")
     _print(args, format_passes(reports))

@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_utils import new_constant, replace_constant_values
+from .graph_utils import name_nodes, new_constant, replace_constant_values
 from .ir import Model
 from .stats import layer_macs
 
@@ -445,23 +445,6 @@ def build_dependency_graph(model: Model, *, refresh_shapes: bool = True) -> Depe
             dg.freeze(layout.ids, f"graph output {tensor.name}")
     dg._finish()
     return dg
-
-
-def name_nodes(graph: gs.Graph) -> int:
-    """Give unnamed nodes unique names (``Conv_12``): groups and reports refer to nodes by name."""
-    taken = {n.name for n in graph.nodes if n.name}
-    count = 0
-    for index, node in enumerate(graph.nodes):
-        if node.name:
-            continue
-        name, suffix = f"{node.op}_{index}", 0
-        while name in taken:
-            suffix += 1
-            name = f"{node.op}_{index}_{suffix}"
-        node.name = name
-        taken.add(name)
-        count += 1
-    return count
 
 
 class _Builder:

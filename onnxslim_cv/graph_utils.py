@@ -104,3 +104,24 @@ def channel_vector(values: np.ndarray, out_rank: int, channels: int, channel_axi
     if varying != [channel_axis] or shape[channel_axis] != channels:
         return None
     return values.reshape(channels)
+
+
+def name_nodes(graph: gs.Graph) -> int:
+    """Give unnamed (or duplicate-named) nodes unique names (``Conv_12``): plans, groups and
+    reports refer to nodes by name."""
+    taken = set()
+    existing = {node.name for node in graph.nodes if node.name}
+    count = 0
+    for index, node in enumerate(graph.nodes):
+        if node.name and node.name not in taken:
+            taken.add(node.name)
+            continue
+        base = f"{node.name or node.op}_{index}"
+        name, suffix = base, 0
+        while name in taken or name in existing:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count

@@ -48,6 +48,7 @@ class PassContext:
     """What a pass may use besides the model: data, randomness, progress display."""
 
     calibration: Optional[Any] = None  # onnxslim_cv.calibration.CalibrationData
+    validation: Optional[Any] = None  # --val data, for accuracy targets (None: use calibration)
     seed: int = 0
     progress: Optional[bool] = None  # None: show bars when stderr is a terminal
 
@@ -220,3 +221,20 @@ def run_passes(
         reports.append(report)
         current = work
     return current, reports
+
+
+class progress_bar:
+    """A tqdm bar honouring ``PassContext.progress`` (None: shown only on a terminal)."""
+
+    def __init__(self, context: PassContext, total, desc: str, unit: str):
+        from tqdm import tqdm
+
+        disable = None if context.progress is None else not context.progress
+        self._bar = tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False)
+
+    def __enter__(self):
+        return self._bar
+
+    def __exit__(self, *exc):
+        self._bar.close()
+        return False

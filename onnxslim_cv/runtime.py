@@ -97,10 +97,12 @@ def make_session(
     threads: Optional[int] = None,
     optimize: bool = True,
     optimized_model_path: Optional[str] = None,
+    quiet: bool = False,
 ) -> ort.InferenceSession:
-    """A CPU session. ``threads`` pins intra-op threads (benchmarks use 1 for stable numbers)."""
+    """A CPU session. ``threads`` pins intra-op threads (benchmarks use 1 for stable numbers);
+    ``quiet`` silences onnxruntime's own error lines (for probes whose failure is an answer)."""
     session_options = ort.SessionOptions()
-    session_options.log_severity_level = _LOG_ERRORS_ONLY
+    session_options.log_severity_level = 4 if quiet else _LOG_ERRORS_ONLY
     if threads is not None:
         session_options.intra_op_num_threads = threads
         session_options.inter_op_num_threads = 1

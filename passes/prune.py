@@ -42,6 +42,7 @@ from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
 from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, register_pass
+from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstruct, reconstructable
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction")
@@ -590,20 +591,3 @@ def _ensure_macs(model: Model, dg: DependencyGraph, data) -> None:
         macs = {node.name: layer_macs(node) for node in probe.graph.nodes}
     for layer in dg.weight_layers:
         layer.macs = macs.get(layer.node.name) or layer.macs
-
-
-class _bar:
-    """A tqdm bar honouring ``PassContext.progress`` (None: only on a terminal)."""
-
-    def __init__(self, context: PassContext, total, desc: str, unit: str):
-        from tqdm import tqdm
-
-        disable = None if context.progress is None else not context.progress
-        self._bar = tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False)
-
-    def __enter__(self):
-        return self._bar
-
-    def __exit__(self, *exc):
-        self._bar.close()
-        return False

@@ -1,0 +1,648 @@
+"""``quant``: static int8 quantization to QDQ ONNX, calibrated, placed for speed, checked.
+
+The pipeline inside the pass, in order:
+
+1. BN folding (the ``fold`` pass) and an opset raise to 13 when per-channel weights need it;
+2. optional cross-layer equalization (``--cle``, Nagel et al. 2019);
+3. placement (``onnxslim_cv.qdq.plan_quantization``): which ops run int8, which tensors carry
+   int8 between them, Relu/Clip fused, Concat scales shared; with ``--quant-placement auto``
+   the high-resolution, few-channel stem that onnxruntime runs faster in float (NCHWc fp32
+   beats its NHWC int8 kernels there) is found by timing candidates on this machine;
+4. streaming calibration of the quantized tensors (``onnxslim_cv.calib_stats``): memory does
+   not grow with the number of samples;
+5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
+6. bias correction: the mean error each int8 layer adds to its outputs, measured on
+   calibration data, is subtracted from its bias (empirical form of Nagel et al. 2019, sec. 4.2);
+7. accuracy-aware fallback (``--max-drop``): layers ranked by how much quantization noise
+   they add, the fewest kept in float until the metric holds;
+8. a report per quantized tensor (scale, zero point, range, SNR) and of onnxruntime's fusion.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim_cv import activations, runtime
+from onnxslim_cv.errors import UserError
+from onnxslim_cv.graph_utils import name_nodes
+from onnxslim_cv.ir import Model
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, progress_bar, register_pass
+from onnxslim_cv.qdq import (
+    ACT_TYPES,
+    COMPUTE_OPS,
+    QuantParams,
+    QuantPlan,
+    emit_qdq,
+    fusion_report,
+    is_quantized_model,
+    output_layers,
+    params_from_range,
+    plan_quantization,
+)
+
+CALIB_METHODS = ("minmax", "percentile", "entropy", "mse")
+METRICS = ("cosine", "snr", "top1")
+DEFAULT_SAMPLES = 256
+FALLBACK_SAMPLES = 64
+MIN_HISTOGRAM_SAMPLES = 8
+OUTPUT_LAYER_SHARE = 0.05  # output layers stay float while together under 5% of the MACs
+BIAS_SAMPLES = 64
+
+
+def _fraction(value) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise ValueError("must be in [0, 1)")
+    return number
+
+
+def _percent(value) -> float:
+    number = float(value)
+    if not 50.0 < number <= 100.0:
+        raise ValueError("must be a percentile in (50, 100]")
+    return number
+
+
+def _positive(value) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _regex(value) -> str:
+    try:
+        re.compile(str(value))
+    except re.error as exc:
+        raise ValueError(f"not a regular expression ({exc})")
+    return str(value)
+
+
+@register_pass
+class QuantPass(Pass):
+    name = "quant"
+    summary = (
+        "static int8 quantization (QDQ): per-channel int8 weights, calibrated uint8/int8 activations, "
+        "placement onnxruntime fuses into int8 kernels, bias correction, optional CLE and accuracy fallback"
+    )
+    uses_calibration = True
+    requires_calibration = True
+    demo_options = {"samples": 64}
+    options = (
+        PassOption("act_type", "uint8", "activation type: uint8 (asymmetric; the fast U8S8 VNNI path on x86, "
+                   "and what onnxruntime fuses Relu into) or int8 (symmetric, zero point 0 everywhere: for "
+                   "TensorRT, which fuses conv and activation itself; onnxruntime CPU then keeps convs "
+                   "followed by Relu in float)", choices=ACT_TYPES, flag="--act-type",
+                   metavar="TYPE"),
+        PassOption("calib_method", "percentile", "activation range from calibration data: minmax, percentile "
+                   "(--quant-percentile of each tail), entropy (KL, TensorRT style) or mse (least quantization "
+                   "error); all stream, so memory does not grow with --quant-samples",
+                   choices=CALIB_METHODS, flag="--calib-method", metavar="METHOD"),
+        PassOption("percentile", 99.999, "percentile kept by --calib-method percentile", parse=_percent, metavar="P"),
+        PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=_positive, metavar="N"),
+        PassOption("per_tensor", False, "one scale per weight tensor instead of one per output channel "
+                   "(per-channel is the default and almost always more accurate)", is_switch=True),
+        PassOption("cle", False, "cross-layer equalization before quantizing (Nagel et al. 2019): helps models "
+                   "whose per-channel weight ranges differ wildly (depthwise nets)", is_switch=True, flag="--cle"),
+        PassOption("bias_correction", "auto", "correct each int8 layer's mean output error on calibration data "
+                   "(auto = on)", choices=("auto", "on", "off"), metavar="MODE"),
+        PassOption("placement", "auto", "auto: time candidate placements on this machine and keep the fastest "
+                   "(the high-resolution stem often runs faster in fp32); all: every supported op in int8",
+                   choices=("auto", "all"), metavar="MODE"),
+        PassOption("output_layers", "float", "the layers that compute the model's outputs (logits, box and score "
+                   "heads): float keeps their precision (only while together under 5%% of the MACs); int8 "
+                   "quantizes them too",
+                   choices=("float", "int8"), metavar="MODE"),
+        PassOption("exclude", None, "keep nodes whose name (or output tensor name) matches this regex in float",
+                   parse=_regex, metavar="REGEX"),
+        PassOption("max_drop", None, "accuracy target against fp32: keep the fewest layers float until the loss "
+                   "is at most this (see --max-drop-metric), measured on --val data or else on calibration data",
+                   parse=_fraction, flag="--max-drop", metavar="X"),
+        PassOption("metric", "cosine", "loss measured by --max-drop: cosine (1 - mean cosine of the outputs), "
+                   "snr (noise/signal power of the outputs, 0.01 = 20 dB) or top1 (1 - top-1 agreement)",
+                   choices=METRICS, flag="--max-drop-metric", metavar="METRIC"),
+    )
+
+    def run(self, model: Model, context: PassContext) -> PassReport:
+        from onnxslim_cv import calib_stats
+
+        report = PassReport(self.name, options=dict(self.config))
+        config = self.config
+        found = is_quantized_model(model)
+        if found:
+            raise UserError(f"quant: the model is already quantized ({found} present); give the float model")
+        if context.calibration is None:
+            raise UserError("quant needs calibration data: add --calib PATH")
+        data = context.calibration.limited(config["samples"])
+        started = time.perf_counter()
+
+        _fold(model, context, report)
+        _raise_opset(model, report)
+        name_nodes(model.graph)
+        if config["cle"]:
+            _equalize(model, report)
+        float_model = model  # the float reference for correction and fallback
+        act_type = config["act_type"]
+
+        base_float = dict.fromkeys(output_layers(float_model, max_share=OUTPUT_LAYER_SHARE) if config["output_layers"] == "float" else [],
+                                   "computes a model output (--quant-output-layers float)")
+        plan = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=base_float)
+        if not plan.int8_nodes:
+            report.notes.append("nothing to quantize: no Conv/Gemm/MatMul with constant float weights")
+            return report
+        method = config["calib_method"]
+        timings: Dict[str, float] = {}
+        mark = time.perf_counter()
+        stats = _calibrate(float_model, plan, data, method, config, context, report)
+        ranges = _ranges(plan, stats, method, config, act_type)
+        timings["calibration"] = time.perf_counter() - mark
+
+        keep: List[str] = []
+        placement_note = None
+        mark = time.perf_counter()
+        if config["placement"] == "auto":
+            keep, placement_note = _choose_float_stem(float_model, plan, ranges, act_type, config, context, base_float)
+            if keep:
+                keep = {**base_float, **dict.fromkeys(keep, "float stem: faster in fp32 on this CPU (--quant-placement)")}
+                plan = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=keep)
+                missing = [t for t in plan.quantized if t not in ranges and plan.root(t) not in ranges]
+                if missing:
+                    stats = _calibrate(float_model, plan, data, method, config, context, report)
+                    ranges = _ranges(plan, stats, method, config, act_type)
+        if placement_note:
+            report.notes.append(placement_note)
+        timings["placement"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+
+        params = _params(plan, ranges, act_type)
+        corrections: Dict[str, np.ndarray] = {}
+        bias_mode = config["bias_correction"]
+        if bias_mode in ("auto", "on"):
+            corrections = _bias_correction(float_model, plan, params, config, data, context)
+        quantized, weights = _emit(float_model, plan, params, config, corrections)
+        timings["bias_correction_and_emit"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+
+        fallback = []
+        if config["max_drop"] is not None:
+            evaluation = context.validation if context.validation is not None else data
+            quantized, plan, params, weights, fallback = _fallback(
+                float_model, quantized, plan, params, weights, ranges, corrections, config,
+                evaluation.limited(FALLBACK_SAMPLES), context, report,
+            )
+
+        timings["fallback"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        fusion = fusion_report(quantized.to_proto(), plan)
+        snr = _tensor_snr(float_model, quantized, plan, data.limited(16))
+        _fill_report(report, plan, params, weights, fusion, snr, fallback, corrections)
+        timings["report"] = time.perf_counter() - mark
+        report.details["seconds"] = round(time.perf_counter() - started, 3)
+        report.details["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        model.graph = quantized.graph
+        model.annotations = quantized.annotations
+        return report
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def _fold(model: Model, context: PassContext, report: PassReport) -> None:
+    from onnxslim_cv.passes.fold import FoldPass
+
+    folded = FoldPass().run(model, context)
+    if folded.changes:
+        report.notes.append("folded first: " + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
+
+
+def _raise_opset(model: Model, report: PassReport) -> None:
+    """Per-channel DequantizeLinear (``axis``) needs opset 13; convert older exports first."""
+    if model.opset >= 13:
+        return
+    before = model.opset
+    proto = onnx.version_converter.convert_version(model.to_proto(), 13)
+    converted = Model.from_proto(proto, source=model.source, copy=False)
+    model.graph = converted.graph
+    model.infer_shapes(reset=True)
+    report.notes.append(f"opset {before} -> 13 (per-channel DequantizeLinear needs 13)")
+
+
+def _equalize(model: Model, report: PassReport) -> None:
+    from onnxslim_cv.equalize import equalize_cross_layer
+
+    result = equalize_cross_layer(model)
+    report.count("equalized_pairs", len(result.pairs))
+    report.details["cle"] = {
+        "pairs": [vars(p) for p in result.pairs],
+        "skipped": dict(result.skipped),
+    }
+    report.notes.append(f"cross-layer equalization: {len(result.pairs)} layer pairs")
+
+
+def _calibrate(model, plan: QuantPlan, data, method, config, context, report):
+    from onnxslim_cv import calib_stats
+
+    names = [t for t in plan.quantized if t not in plan.fixed_ranges]
+    count = data.count()
+    if calib_stats.needs_histogram(method) and count is not None and count < MIN_HISTOGRAM_SAMPLES:
+        raise UserError(
+            f"quant: --calib-method {method} needs at least {MIN_HISTOGRAM_SAMPLES} calibration samples to estimate "
+            f"a distribution, got {count}; give more samples or use --calib-method minmax"
+        )
+    with progress_bar(context, total=None, desc=f"quant: calibrate ({method})", unit="batch") as bar:
+        stats = calib_stats.collect_stats(model, names, data, method=method, progress=bar)
+    if stats.samples == 0:
+        raise UserError("quant: the calibration data is empty")
+    return stats
+
+
+def _ranges(plan: QuantPlan, stats, method: str, config, act_type: str) -> Dict[str, Tuple[float, float]]:
+    """One range per tie class: the union of its members' calibrated ranges.
+
+    A tensor too small for the method's statistics (a pooled vector: one value per channel and
+    sample) takes its min/max instead: clipping the tail of a few hundred values is noise.
+    """
+    from onnxslim_cv import calib_stats
+
+    kwargs = {"symmetric": act_type == "int8"}
+    if method == "percentile":
+        kwargs["percentile"] = config["percentile"]
+    enough = calib_stats.min_values(method, config["percentile"])
+    own: Dict[str, Tuple[float, float]] = {}
+    for name in plan.quantized:
+        if name in plan.fixed_ranges:
+            own[name] = plan.fixed_ranges[name]
+        elif stats.tensors[name].count < enough:
+            own[name] = stats.tensors[name].range("minmax", symmetric=kwargs["symmetric"])
+        else:
+            own[name] = stats.tensors[name].range(method, **kwargs)
+    plan.tie_concats(own)
+    ranges: Dict[str, Tuple[float, float]] = {}
+    for root, members in plan.classes().items():
+        lo = min(own[m][0] for m in members)
+        hi = max(own[m][1] for m in members)
+        for name in members:
+            ranges[name] = (float(lo), float(hi))
+    return ranges
+
+
+def _params(plan: QuantPlan, ranges, act_type: str) -> Dict[str, QuantParams]:
+    params = {}
+    for root, members in plan.classes().items():
+        lo, hi = ranges[members[0]]
+        p = params_from_range(lo, hi, act_type)
+        for name in members:
+            params[name] = p
+    return params
+
+
+def _with_biases(float_model: Model, corrections: Dict[str, np.ndarray]) -> Model:
+    """A copy of the float model with ``corrections`` added to the named layers' biases."""
+    model = float_model.copy()
+    if not corrections:
+        return model
+    nodes = {n.name: n for n in model.graph.nodes}
+    for name, delta in corrections.items():
+        node = nodes[name]
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            bias = node.inputs[2]
+            node.inputs[2] = gs.Constant(bias.name + "_corrected", (bias.values + delta).astype(np.float32))
+        else:
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(gs.Constant(f"{node.name}_bias_corrected", delta.astype(np.float32)))
+    return model
+
+
+def _emit(float_model: Model, plan: QuantPlan, params, config, corrections):
+    model = _with_biases(float_model, corrections)
+    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"])
+    return model, weights
+
+
+def _bias_correction(float_model, plan, params, config, data, context) -> Dict[str, np.ndarray]:
+    """Per output channel, the mean shift that int8 weights add, removed through the bias.
+
+    Nagel et al. 2019 (sec. 4.2): with W~ = dequantized int8 weights, E[y~ - y] = (W~ - W) E[x],
+    so subtracting it makes each layer's output unbiased. E[x] per input channel is measured on
+    the float model's calibration activations (the paper derives it from BN statistics, which
+    folded exports no longer have). Local to each layer, so corrections do not compound the
+    way correcting against the fully quantized network's drift does.
+    """
+    from onnxslim_cv.qdq import quantize_weight, weight_axis
+
+    int8 = set(plan.int8_nodes)
+    layers = [n for n in float_model.graph.nodes
+              if n.name in int8 and n.op in ("Conv", "Gemm") and isinstance(n.inputs[1], gs.Constant)]
+    axes = {n.inputs[0].name: 1 for n in layers}
+    if not axes:
+        return {}
+    with progress_bar(context, total=None, desc="quant: input means", unit="batch") as bar:
+        moments = activations.channel_moments(float_model, axes, data.limited(BIAS_SAMPLES), progress=bar)
+    corrections = {}
+    for node in layers:
+        weight = node.inputs[1].values.astype(np.float32)
+        axis = weight_axis(node, not config["per_tensor"])
+        q, scale = quantize_weight(weight, axis)
+        if axis is None:
+            dequant = q.astype(np.float32) * scale
+        else:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            dequant = q.astype(np.float32) * scale.reshape(shape)
+        delta = (dequant - weight).astype(np.float64)
+        mean = moments[node.inputs[0].name].mean
+        if node.op == "Conv":
+            groups = int(node.attrs.get("group", 1))
+            out_channels, per_group = delta.shape[0], delta.shape[1]
+            if mean.shape[0] != per_group * groups:
+                continue
+            summed = delta.reshape(out_channels, per_group, -1).sum(axis=2)  # [Cout, Cin/g]
+            means = mean.reshape(groups, per_group)[np.arange(out_channels) // (out_channels // groups)]
+            shift = np.sum(summed * means, axis=1)
+        else:
+            transposed = bool(node.attrs.get("transB", 0))
+            if mean.shape[0] != (delta.shape[1] if transposed else delta.shape[0]):
+                continue
+            shift = (delta @ mean if transposed else mean @ delta) * float(node.attrs.get("alpha", 1.0))
+        if np.all(np.isfinite(shift)):
+            corrections[node.name] = (-shift).astype(np.float32)
+    return corrections
+
+
+def _quantized_names(quantized: Model, names: List[str]) -> Dict[str, str]:
+    """Where a float model's tensor lives in the emitted model (graph outputs were renamed)."""
+    tensors = quantized.graph.tensors()
+    result = {}
+    for name in names:
+        renamed = f"{name}_float"
+        result[name] = renamed if renamed in tensors and any(t.name == name for t in quantized.graph.outputs) else name
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Placement by measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _spatial(tensor) -> Optional[int]:
+    shape = tensor.shape
+    if not shape or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return int(shape[2] * shape[3])
+
+
+def _stem_candidates(model: Model, plan: QuantPlan) -> List[List[str]]:
+    """Growing prefixes of compute nodes (in graph order) at the highest resolutions.
+
+    onnxruntime's int8 kernels lose to its fp32 NCHWc kernels on large images with few
+    channels (depthwise most of all), which is where CV models spend their first layers.
+    """
+    int8 = set(plan.int8_nodes)
+    computes = [n for n in model.graph.nodes if n.name in int8 and n.op in COMPUTE_OPS]
+    sizes = sorted({s for n in computes if (s := _spatial(n.outputs[0])) is not None}, reverse=True)
+    candidates: List[List[str]] = []
+    first = [computes[0].name] if computes and (computes[0].inputs[0].shape or [0, 0])[1:2] and _small_input(computes[0]) else []
+    if first:
+        candidates.append(first)
+    for level in sizes[:3]:
+        # the prefix of the graph up to the last compute node at resolution >= level
+        last = max((i for i, n in enumerate(computes) if (_spatial(n.outputs[0]) or 0) >= level), default=None)
+        if last is None:
+            continue
+        prefix = [n.name for n in computes[: last + 1]]
+        if len(prefix) < len(computes) and prefix not in candidates:
+            candidates.append(prefix)
+    return candidates
+
+
+def _small_input(node) -> bool:
+    shape = node.inputs[0].shape
+    return bool(shape) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] <= 4
+
+
+def _choose_float_stem(float_model, plan, ranges, act_type, config, context, base_float) -> Tuple[List[str], Optional[str]]:
+    from onnxslim_cv.bench import benchmark
+
+    candidates = _stem_candidates(float_model, plan)
+    if not candidates:
+        return [], None
+    variants = {"all int8": []}
+    for prefix in candidates:
+        variants[f"first {len(prefix)} compute ops float"] = prefix
+    protos = {}
+    for label, keep in variants.items():
+        p = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float={**base_float, **dict.fromkeys(keep, "stem")})
+        # Timing does not depend on the exact ranges: unknown tensors get a neutral one.
+        params = _params(p, {t: ranges.get(t, (0.0, 1.0)) for t in p.quantized}, act_type)
+        model, _ = _emit(float_model, p, params, config, {})
+        protos[label] = model.to_proto()
+    import tempfile, os
+
+    with tempfile.TemporaryDirectory(prefix="onnxslim-cv-placement-") as folder:
+        paths = []
+        for i, (label, proto) in enumerate(protos.items()):
+            path = os.path.join(folder, f"{i}.onnx")
+            onnx.save(proto, path)
+            paths.append(path)
+        shapes = {s.name: tuple(s.shape) for s in float_model.input_specs() if all(isinstance(d, int) and d > 0 for d in s.shape)}
+        try:
+            times = {}
+            base = benchmark([paths[0]] + paths[1:2], threads=1, seconds=1.0, input_shapes=shapes or None)
+            times[list(protos)[0]] = base.timings[0].median_ms
+            for label, path in list(zip(protos, paths))[1:]:
+                result = benchmark([paths[0], path], threads=1, seconds=1.0, input_shapes=shapes or None)
+                times[label] = times[list(protos)[0]] * result.ratio
+        except Exception as exc:  # timing is an optimisation: never fail the pass on it
+            return [], f"placement: timing failed ({type(exc).__name__}), every supported op int8"
+    best = min(times, key=lambda k: times[k] * (1.0 if k == "all int8" else 1.03))
+    summary = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
+    return variants[best], f"placement: {best} (measured, 1 thread: {summary})"
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def _outputs(model: Model, data) -> List[List[np.ndarray]]:
+    session = activations.tap_session(model, [])
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for values in activations.iterate(session, data, names):
+        results.append([values[n] for n in names])
+    return results
+
+
+def output_loss(reference: List[List[np.ndarray]], candidate: List[List[np.ndarray]], metric: str) -> float:
+    """Loss of ``candidate`` against ``reference`` outputs (batches x outputs), 0 = identical."""
+    if metric == "top1":
+        agree = total = 0
+        for ref, cand in zip(reference, candidate):
+            a, b = ref[0], cand[0]
+            a = a.reshape(a.shape[0], -1) if a.ndim > 2 else a
+            b = b.reshape(b.shape[0], -1) if b.ndim > 2 else b
+            agree += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+            total += a.shape[0]
+        return 1.0 - agree / max(total, 1)
+    if metric == "snr":
+        noise = signal = 0.0
+        for ref, cand in zip(reference, candidate):
+            for a, b in zip(ref, cand):
+                a = a.astype(np.float64)
+                noise += float(np.sum((a - b) ** 2))
+                signal += float(np.sum(a ** 2))
+        return noise / max(signal, 1e-30)
+    cosines = []
+    for ref, cand in zip(reference, candidate):
+        for a, b in zip(ref, cand):
+            a = a.reshape(a.shape[0], -1).astype(np.float64)
+            b = b.reshape(b.shape[0], -1).astype(np.float64)
+            num = np.sum(a * b, axis=1)
+            den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            cosines.extend(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0).tolist())
+    return 1.0 - float(np.mean(cosines)) if cosines else 0.0
+
+
+def _layer_noise(float_model, quantized, plan, data) -> Dict[str, float]:
+    """Noise each int8 compute node adds: output noise/signal minus its input's (ranking key)."""
+    int8 = set(plan.int8_nodes)
+    pairs = {}
+    for node in float_model.graph.nodes:
+        if node.name in int8 and node.op in COMPUTE_OPS:
+            pairs[node.name] = (node.inputs[0].name, node.outputs[0].name)
+    tensors = sorted({t for pair in pairs.values() for t in pair})
+    names_q = _quantized_names(quantized, tensors)
+    ref_session = activations.tap_session(float_model, tensors)
+    q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
+    noise = {t: 0.0 for t in tensors}
+    signal = {t: 0.0 for t in tensors}
+    for ref, cand in zip(activations.iterate(ref_session, data, tensors),
+                         activations.iterate(q_session, data, [names_q[t] for t in tensors])):
+        for t in tensors:
+            a = ref[t].astype(np.float64)
+            noise[t] += float(np.sum((a - cand[names_q[t]]) ** 2))
+            signal[t] += float(np.sum(a ** 2))
+    ratio = {t: noise[t] / max(signal[t], 1e-30) for t in tensors}
+    return {name: ratio[out] - ratio[inp] for name, (inp, out) in pairs.items()}
+
+
+def _fallback(float_model, quantized, plan, params, weights, ranges, corrections, config, data, context, report):
+    metric, target = config["metric"], config["max_drop"]
+    reference = _outputs(float_model, data)
+    loss = output_loss(reference, _outputs(quantized, data), metric)
+    report.details["fallback"] = {"metric": metric, "target": target, "loss_all_int8": loss}
+    if loss <= target:
+        report.notes.append(f"accuracy target met with every layer int8 ({metric} loss {loss:.4g} <= {target})")
+        return quantized, plan, params, weights, []
+    ranking = sorted(_layer_noise(float_model, quantized, plan, data).items(), key=lambda kv: -kv[1])
+    order = [name for name, _ in ranking]
+    act_type = config["act_type"]
+
+    def build(k: int):
+        keep = {**plan.keep, **dict.fromkeys(order[:k], "accuracy fallback (--max-drop)")}
+        p = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=keep)
+        prm = _params(p, {t: ranges.get(t, ranges.get(p.root(t), (0.0, 1.0))) for t in p.quantized}, act_type)
+        kept_corrections = {n: d for n, d in corrections.items() if n not in keep}
+        model, weights = _emit(float_model, p, prm, config, kept_corrections)
+        return model, p, prm, weights, output_loss(reference, _outputs(model, data), metric)
+
+    # Exponential then binary search over how many of the noisiest layers stay float.
+    tried = {}
+    low, high = 0, None
+    k = 1
+    with progress_bar(context, total=None, desc="quant: fallback search", unit="try") as bar:
+        while k <= len(order):
+            tried[k] = build(k)
+            bar.update(1)
+            if tried[k][4] <= target:
+                high = k
+                break
+            low = k
+            k *= 2
+        if high is None:
+            tried[len(order)] = build(len(order))
+            if tried[len(order)][4] > target:
+                report.warn(f"quant: --max-drop {target} not reachable even with every compute layer float "
+                            f"({metric} loss {tried[len(order)][4]:.4g}); keeping every layer int8")
+                return quantized, plan, params, weights, []
+            high = len(order)
+        while high - low > 1:
+            mid = (low + high) // 2
+            tried[mid] = build(mid)
+            bar.update(1)
+            if tried[mid][4] <= target:
+                high = mid
+            else:
+                low = mid
+    model, p, prm, kept_weights, final = tried[high]
+    kept = order[:high]
+    report.details["fallback"].update(loss=final, kept_float=kept, tries=len(tried))
+    report.notes.append(
+        f"accuracy fallback: {len(kept)} layer(s) kept float ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}); "
+        f"{metric} loss {loss:.4g} -> {final:.4g} (target {target})"
+    )
+    return model, p, prm, kept_weights, kept
+
+
+def _tensor_snr(float_model, quantized, plan, data) -> Dict[str, float]:
+    """SNR (dB) of every quantized activation in the int8 model against the float model."""
+    tensors = [t for t in plan.quantized]
+    names_q = quantized.annotations.get("dequantized") or _quantized_names(quantized, tensors)
+    ref_session = activations.tap_session(float_model, tensors)
+    q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
+    noise = dict.fromkeys(tensors, 0.0)
+    signal = dict.fromkeys(tensors, 0.0)
+    for ref, cand in zip(activations.iterate(ref_session, data, tensors),
+                         activations.iterate(q_session, data, [names_q[t] for t in tensors])):
+        for t in tensors:
+            a = ref[t].astype(np.float64)
+            noise[t] += float(np.sum((a - cand[names_q[t]]) ** 2))
+            signal[t] += float(np.sum(a ** 2))
+    return {t: float(10 * np.log10(max(signal[t], 1e-30) / max(noise[t], 1e-30))) for t in tensors}
+
+
+def _fill_report(report, plan, params, weights, fusion, snr, fallback, corrections) -> None:
+    report.count("int8_ops", len(plan.int8_nodes))
+    report.count("quantized_tensors", len(plan.quantized))
+    report.count("fused_activations", len(plan.fused_activations))
+    applied = [name for name in corrections if name in set(plan.int8_nodes)]
+    if applied:
+        report.count("bias_corrected", len(applied))
+    layers = []
+    for name in plan.quantized:
+        p = params[name]
+        layers.append({
+            "tensor": name, "scale": p.scale, "zero_point": p.zero_point, "dtype": p.dtype,
+            "range": [p.lo, p.hi], "snr_db": round(snr.get(name, float("nan")), 2),
+        })
+    report.details["tensors"] = layers
+    report.details["weights"] = list(weights.values())
+    report.details["float_nodes"] = dict(plan.float_nodes)
+    for name in fallback:
+        report.details["float_nodes"][name] = "accuracy fallback (--max-drop)"
+    report.details["fusion"] = fusion.to_dict()
+    worst = sorted(layers, key=lambda r: r["snr_db"])[:3]
+    report.notes.append(
+        f"{len(plan.int8_nodes)} ops int8, {len(plan.quantized)} activations quantized, "
+        f"{len(plan.fused_activations)} activations fused; onnxruntime kernels: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(fusion.int8_kernels.items()))
+    )
+    if worst:
+        report.notes.append("lowest SNR: " + ", ".join(f"{r['tensor']} {r['snr_db']:.1f} dB" for r in worst))
+    if fusion.unfused:
+        report.warn(f"quant: {len(fusion.unfused)} planned int8 op(s) did not fuse in onnxruntime: "
+                    + ", ".join(fusion.unfused[:5]))
+    if plan.float_nodes:
+        reasons: Dict[str, int] = {}
+        for reason in report.details["float_nodes"].values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        report.notes.append("kept float: " + "; ".join(f"{n} x {r}" for r, n in reasons.items()))

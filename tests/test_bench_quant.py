@@ -1,0 +1,110 @@
+"""tools/bench_quant.py: the table rendering (pure, always runs) and one calibration-cost worker
+run on a shared model (skipped when the shared models folder is absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxslim_cv.testing import zoo
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.fixture(scope="module")
+def bench_quant():
+    spec = importlib.util.spec_from_file_location("bench_quant", TOOLS / "bench_quant.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_quant", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(value, text, r1, r2, seconds=0.5, size=300_000):
+    return {"status": "ok", "quality_value": value, "quality_text": text, "metric": "top-1", "seconds": seconds,
+            "size": size, "path": "x.onnx",
+            "latency": {"1": {"ratio": r1, "ms": [1.0, r1]}, "2": {"ratio": r2, "ms": [0.6, 0.6 * r2]}}}
+
+
+def fake_results():
+    variants = {
+        "ort_s8_minmax": _cell(0.80, "80.00%", 0.50, 0.60),
+        "ort_s8_pct": _cell(0.81, "81.00%", 0.48, 0.58),
+        "ort_u8_minmax": {"status": "error", "error": "ValueError: The truth value of an array | is ambiguous",
+                          "seconds": 0.1},
+        "ort_u8_pct": _cell(0.81, "81.00%", 0.45, 0.55),
+        "ours": _cell(0.812, "81.20%", 0.40, 0.52),
+    }
+    mem_run = lambda seconds, peak, inc: {"status": "ok", "seconds": seconds, "peak_rss_mb": peak,  # noqa: E731
+                                          "peak_increase_mb": inc}
+    row = {
+        "key": "resnet20", "task": "classification", "classifier": True, "metric": "top-1",
+        "eval_samples": 100, "calibration_samples": 16, "calibration": "resnet20: 16 CIFAR-10 test images",
+        "fp32": {"opset": [7, 13], "size": 1_090_000, "latency_ms": {"1": 1.0, "2": 0.6},
+                 "original": {"primary": {"name": "top-1", "value": 0.815, "text": "81.50%"}},
+                 "folded": {"primary": {"name": "top-1", "value": 0.815, "text": "81.50%"}}},
+        "variants": variants,
+        "versus": {"ort_best": "ort_u8_pct", "ort_fastest": "ort_u8_pct", "quality_delta": 0.002,
+                   "head_to_head": {"1": 0.9, "2": 1.1}, "vs_fastest": 0.89},
+        "memory": [
+            {"name": "ours", "label": "ours (default method)", "runs": {"64": mem_run(1.0, 200, 20),
+                                                                       "512": mem_run(5.0, 210, 24)}},
+            {"name": "ort_minmax", "label": "ORT MinMax", "runs": {"64": mem_run(2.0, 300, 120),
+                                                                   "512": {"status": "killed", "killed_by": "RSS", "error": "killed: RSS",
+                                                                           "watched_peak_mb": 6200}}},
+        ],
+    }
+    return {"command": "python tools/bench_quant.py --models resnet20", "wall_seconds": 90.0,
+            "settings": {"samples": 16, "eval_limit": 100, "latency_seconds": 1.0, "threads": [1, 2],
+                         "ours_options": {}, "memory_samples": [64, 512]},
+            "models": [row, {"key": "mnist", "error": "RuntimeError: boom"}]}
+
+
+def test_render_fake_results(bench_quant):
+    text = bench_quant.render(fake_results())
+    assert "| resnet20" in text
+    assert "81.20% · 0.40x/0.52x" in text  # ours: quality · latency 1T/2T
+    assert "80.00% · 0.50x/0.60x" in text
+    assert "error: ValueError: The truth value of an array \\| is ambiguous" in text  # pipe escaped
+    assert "+0.2 pt" in text  # ours - ORT best
+    assert "0.90x/1.10x" in text  # head to head
+    assert "ORT uint8 Pct" in text
+    assert ">6200 MB" in text and "killed (RSS)" in text  # the killed worker
+    assert "1.05x" in text and "1.20x" in text  # peak RSS and increase ratios 512/64
+    assert "0.50x/n/a" in text  # calibration time vs ORT MinMax
+    assert "mnist: failed before quantizing: RuntimeError: boom" in text
+    assert "Command: `python tools/bench_quant.py --models resnet20`. Wall time 1.5 min." in text
+    checks = {c[0]: c[1:] for c in bench_quant.target_checks(fake_results()["models"][0], ["1", "2"], ["64", "512"])}
+    assert checks["top-1 drop ≤ 0.3 pt"] == ["0.3 pt", "yes"]  # 81.5 - 81.2, within rounding
+    assert checks["top-1 ≥ ORT best"][1] == "yes"
+    assert checks["int8/fp32 latency 1T ≤ 0.45"] == ["0.40x", "yes"]
+    assert checks["faster than ORT best (ORT uint8 Pct) at 2T"] == ["1.10x", "**NO**"]
+    assert checks["calibration RSS increase @512 ≤ 1.3x @64"] == ["1.20x", "yes"]
+    assert checks["whole pass time ≤ ORT MinMax @512"][1] == "n/a"
+    assert checks["calibration statistics time ≤ ORT MinMax @512"][1] == "n/a"
+
+
+def test_ort_best_prefers_quality_then_speed(bench_quant):
+    row = fake_results()["models"][0]
+    best, fastest = bench_quant.ort_best(row, [1, 2])
+    assert best == "ort_u8_pct"  # ties with ort_s8_pct on quality, faster at 1 thread
+    assert fastest == "ort_u8_pct"
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(zoo.shared_models_dir() is None, reason="shared models folder absent")
+def test_worker_measures_quantize_static(bench_quant, tmp_path):
+    entry = zoo.get("resnet20")
+    fp32 = tmp_path / "resnet20.fp32.onnx"
+    prepared = bench_quant.prepare_fp32(entry, fp32)
+    assert prepared["opset"][1] >= 13 and fp32.is_file()
+    spec = {"key": "resnet20", "model": str(fp32), "output": str(tmp_path / "q.onnx"), "tool": "ort",
+            "method": "minmax", "activation": "int8", "samples": 4}
+    result = bench_quant.run_worker(spec, limit_mb=0, timeout=120)
+    assert result["status"] == "ok", result
+    assert result["seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert result["samples"] == 4 and "peak_increase_mb" in result and result["peak_rss_mb"] >= result["rss_before_mb"]
+    assert (tmp_path / "q.onnx").is_file()

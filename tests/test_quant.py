@@ -1,0 +1,471 @@
+"""The ``quant`` pass: end to end on builders, its options, bad input, the CLI, one real model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxslim_cv import runtime
+from onnxslim_cv.calibration import from_iterable, random_data
+from onnxslim_cv.errors import UserError
+from onnxslim_cv.ir import Model
+from onnxslim_cv.passes.quant import QuantPass
+from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+from onnxslim_cv.testing import models as test_models
+from onnxslim_cv.testing import zoo
+
+from .conftest import assert_one_line_error, sha256
+
+SAMPLES = 16
+
+
+# ---------------------------------------------------------------------- helpers
+def _with_scalar_clip_bounds(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Clip min/max as 0-d initializers (what PyTorch exports) instead of the builder's [1]."""
+    bounds = {n.input[i] for n in proto.graph.node if n.op_type == "Clip" for i in (1, 2) if len(n.input) > i}
+    for init in proto.graph.initializer:
+        if init.name in bounds:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), init.name))
+    return proto
+
+
+def _proto(name: str) -> onnx.ModelProto:
+    if name == "mobilenetv2_block (scalar clip)":
+        return _with_scalar_clip_bounds(test_models.build("mobilenetv2_block"))
+    return test_models.build(name)
+
+
+def _data(proto, count=SAMPLES):
+    return random_data(Model.from_proto(proto).input_specs(), count)
+
+
+def _quant(proto, data=None, **options):
+    """(input Model, quantized Model, report), every supported op int8 unless said otherwise."""
+    options.setdefault("placement", "all")
+    model = Model.from_proto(proto)
+    out, report = QuantPass(**options)(model, PassContext(calibration=data or _data(proto), progress=False))
+    return model, out, report
+
+
+def _cosines(proto, quantized, count=4, seed=100):
+    """Per-sample, per-output cosine of the quantized model against the float one, on fresh inputs."""
+    reference = runtime.make_session(proto)
+    candidate = runtime.make_session(quantized.to_proto() if isinstance(quantized, Model) else quantized)
+    cosines = []
+    for s in range(count):
+        feed = test_models.sample_inputs(proto, seed=seed + s)
+        for a, b in zip(runtime.run(reference, feed), runtime.run(candidate, feed)):
+            assert a.shape == b.shape
+            a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+            cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+    return cosines
+
+
+def _signature(model: Model):
+    """Nodes (as a sorted list: pipeline statistics may re-toposort the caller's graph) and constants."""
+    return sorted((n.name, n.op) for n in model.graph.nodes), {
+        t.name: np.array(t.values) for t in model.graph.tensors().values() if hasattr(t, "values")
+    }
+
+
+def _initializers(proto: onnx.ModelProto):
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def _activation_zero_points(proto: onnx.ModelProto):
+    inits = _initializers(proto)
+    return [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def _weight_scales(proto: onnx.ModelProto):
+    """Scale of every int8 weight DequantizeLinear (int8 constant input)."""
+    inits = _initializers(proto)
+    return [inits[n.input[1]] for n in proto.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+
+
+def _int32_biases(proto: onnx.ModelProto):
+    inits = _initializers(proto)
+    return {n.name: inits[n.input[0]] for n in proto.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int32}
+
+
+# ---------------------------------------------------------------------- end to end
+E2E = ["resnet_basic_block", "squeezenet_fire", "detection_head", "mobilenetv2_block (scalar clip)"]
+
+
+@pytest.mark.parametrize("name", E2E)
+def test_quantized_builder_stays_close_valid_and_fused(name):
+    proto = _proto(name)
+    model = Model.from_proto(proto)
+    nodes_before, values_before = _signature(model)
+    out, report = QuantPass(placement="all")(model, PassContext(calibration=_data(proto), progress=False))
+
+    assert min(_cosines(proto, out)) >= 0.98
+    emitted = out.to_proto()
+    onnx.checker.check_model(emitted, full_check=True)
+    assert emitted.ir_version <= runtime.max_ir_version()
+    assert runtime.default_opset(emitted) >= 13
+    assert any(n.op_type == "QuantizeLinear" for n in emitted.graph.node)
+
+    tensors = report.details["tensors"]
+    assert tensors and len(tensors) == report.changes["quantized_tensors"]
+    for row in tensors:
+        assert row["scale"] > 0 and np.isfinite(row["scale"])
+        assert row["dtype"] == "uint8" and 0 <= row["zero_point"] <= 255
+        assert row["range"][0] <= 0.0 <= row["range"][1]
+    assert report.details["fusion"]["unfused"] == []
+    assert report.details["fusion"]["int8_kernels"].get("QLinearConv", 0) >= 1
+    assert not report.warnings
+    assert report.details["weights"] and all(w["per_channel"] for w in report.details["weights"])
+
+    # the input Model object is left alone
+    nodes_after, values_after = _signature(model)
+    assert nodes_after == nodes_before
+    assert values_after.keys() == values_before.keys()
+    assert all(np.array_equal(values_before[k], values_after[k]) for k in values_before)
+
+
+def test_mobilenetv2_builder_with_one_element_clip_bounds_quantizes():
+    proto = test_models.build("mobilenetv2_block")
+    _, out, report = _quant(proto)
+    assert min(_cosines(proto, out)) >= 0.98
+    assert report.details["fusion"]["unfused"] == []
+
+
+def test_run_passes_library_form_gives_the_same_model():
+    proto = test_models.build("conv_chain")
+    data = _data(proto)
+    model = Model.from_proto(proto)
+    out, reports = run_passes(model, make_passes(["quant"], {"quant": {"placement": "all"}}),
+                              context=PassContext(calibration=data, progress=False))
+    assert [r.name for r in reports] == ["quant"]
+    _, direct, _ = _quant(proto, data)
+    assert [n.op for n in out.graph.nodes] == [n.op for n in direct.graph.nodes]
+    assert len(model.graph.nodes) == len(Model.from_proto(proto).graph.nodes)
+
+
+def test_from_iterable_calibration_works_like_random_data():
+    proto = test_models.build("resnet_basic_block")
+    specs = Model.from_proto(proto).input_specs()
+    data = from_iterable([test_models.sample_inputs(proto, seed=s) for s in range(SAMPLES)], specs)
+    _, out, report = _quant(proto, data)
+    assert min(_cosines(proto, out)) >= 0.98
+    assert report.changes["int8_ops"] > 0
+
+
+def test_output_layers_float_keeps_a_cheap_classifier_float_and_int8_quantizes_it():
+    proto = test_models.build("resnet_basic_block")
+    data = _data(proto)
+    _, _, kept = _quant(proto, data)
+    assert kept.details["float_nodes"] == {"fc1": "computes a model output (--quant-output-layers float)"}
+    assert "QGemm" not in kept.details["fusion"]["int8_kernels"]
+    _, _, all_int8 = _quant(proto, data, output_layers="int8")
+    assert all_int8.details["float_nodes"] == {}
+    assert all_int8.details["fusion"]["int8_kernels"].get("QGemm") == 1
+    assert all_int8.changes["int8_ops"] == kept.changes["int8_ops"] + 1
+
+
+def test_exclude_keeps_matching_layers_float():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, exclude=r"^conv[45]$")
+    assert report.details["float_nodes"]["conv4"] == "matches --quant-exclude"
+    assert report.details["float_nodes"]["conv5"] == "matches --quant-exclude"
+    weighted = {w["node"] for w in report.details["weights"]}
+    assert not weighted & {"conv4", "conv5"} and {"conv1", "conv6"} <= weighted
+    assert min(_cosines(proto, out)) >= 0.98
+
+
+# ---------------------------------------------------------------------- options
+def test_int8_activations_use_int8_and_zero_points_0_or_minus_128():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, act_type="int8")
+    for row in report.details["tensors"]:
+        assert row["dtype"] == "int8"
+        assert row["zero_point"] in (0, -128)
+    zero_points = _activation_zero_points(out.to_proto())
+    assert len(zero_points) == len(report.details["tensors"])
+    assert all(z.dtype == np.int8 and int(z) == 0 for z in zero_points)
+    assert min(_cosines(proto, out)) >= 0.98
+
+
+def test_int8_activations_have_zero_point_zero_everywhere():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, act_type="int8")
+    assert all(row["zero_point"] == 0 and row["dtype"] == "int8" for row in report.details["tensors"])
+    assert min(_cosines(proto, out)) >= 0.98
+
+
+def test_per_tensor_weights_have_no_per_channel_scales():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, per_tensor=True)
+    weights = report.details["weights"]
+    assert len(weights) == 6
+    for row in weights:
+        assert row["per_channel"] is False
+        assert row["weight_scale_min"] == row["weight_scale_max"] > 0
+    weight_scales = _weight_scales(out.to_proto())
+    assert len(weight_scales) == 6 and all(s.ndim == 0 for s in weight_scales)
+    assert min(_cosines(proto, out)) >= 0.98
+
+
+def test_per_channel_is_the_default():
+    _, _, report = _quant(test_models.build("conv_chain"))
+    assert all(w["per_channel"] for w in report.details["weights"])
+    assert any(w["weight_scale_min"] < w["weight_scale_max"] for w in report.details["weights"])
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibration_method_runs_and_stays_close(method):
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, calib_method=method)
+    assert report.options["calib_method"] == method
+    assert min(_cosines(proto, out)) >= 0.95
+    assert all(row["scale"] > 0 for row in report.details["tensors"])
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_too_few_samples_for_a_histogram_method_is_a_clear_error(method):
+    proto = test_models.build("conv_chain")
+    with pytest.raises(UserError, match=method) as info:
+        _quant(proto, _data(proto, 2), calib_method=method)
+    assert "minmax" in str(info.value)
+
+
+def test_minmax_works_with_two_samples():
+    proto = test_models.build("conv_chain")
+    _, out, _ = _quant(proto, _data(proto, 2), calib_method="minmax")
+    assert min(_cosines(proto, out)) >= 0.95
+
+
+def test_already_quantized_model_is_refused():
+    proto = test_models.build("conv_chain")
+    data = _data(proto)
+    _, out, _ = _quant(proto, data)
+    with pytest.raises(UserError, match="already quantized"):
+        QuantPass(placement="all")(out, PassContext(calibration=data, progress=False))
+
+
+def test_missing_calibration_is_refused():
+    with pytest.raises(UserError, match="--calib"):
+        QuantPass(placement="all")(Model.from_proto(test_models.build("conv_chain")), PassContext(progress=False))
+
+
+@pytest.mark.parametrize("option, value, flag", [
+    ("act_type", "int4", "--act-type"),
+    ("calib_method", "bogus", "--calib-method"),
+    ("percentile", 10, "--quant-percentile"),
+    ("samples", 0, "--quant-samples"),
+    ("max_drop", 1.5, "--max-drop"),
+    ("metric", "psnr", "--max-drop-metric"),
+    ("exclude", "conv[", "--quant-exclude"),
+])
+def test_bad_option_values_are_refused_naming_the_flag(option, value, flag):
+    with pytest.raises(UserError, match=flag):
+        QuantPass(**{option: value})
+
+
+def test_bias_correction_on_and_off_both_work():
+    proto = test_models.build("resnet_basic_block")
+    data = _data(proto)
+    _, corrected, on = _quant(proto, data, bias_correction="on")
+    _, plain, off = _quant(proto, data, bias_correction="off")
+    assert on.changes["bias_corrected"] == 6
+    assert "bias_corrected" not in off.changes
+    assert min(_cosines(proto, corrected)) >= 0.98 and min(_cosines(proto, plain)) >= 0.98
+
+    on_biases, off_biases = _int32_biases(corrected.to_proto()), _int32_biases(plain.to_proto())
+    assert len(on_biases) == len(off_biases) == 6
+    assert any(not np.array_equal(a, b) for a, b in zip(sorted(on_biases.values(), key=len), sorted(off_biases.values(), key=len)))
+
+
+def test_bias_correction_auto_means_on():
+    proto = test_models.build("conv_chain")
+    _, _, report = _quant(proto)
+    assert report.changes["bias_corrected"] == 3
+
+
+def test_tiny_max_drop_keeps_layers_float_and_lowers_the_loss():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, max_drop=1e-6, metric="cosine")
+    fallback = report.details["fallback"]
+    assert fallback["metric"] == "cosine" and fallback["target"] == 1e-6
+    if fallback.get("kept_float"):
+        assert fallback["loss"] < fallback["loss_all_int8"]
+        assert fallback["loss"] <= 1e-6
+        for name in fallback["kept_float"]:
+            assert report.details["float_nodes"][name] == "accuracy fallback (--max-drop)"
+        assert report.changes["int8_ops"] < 10
+    else:
+        assert any("not reachable" in w for w in report.warnings)
+    assert min(_cosines(proto, out)) >= 0.98
+
+
+def test_generous_max_drop_keeps_every_layer_int8():
+    proto = test_models.build("resnet_basic_block")
+    data = _data(proto)
+    _, _, plain = _quant(proto, data)
+    _, out, report = _quant(proto, data, max_drop=0.5)
+    fallback = report.details["fallback"]
+    assert fallback["loss_all_int8"] <= 0.5
+    assert "kept_float" not in fallback
+    assert "accuracy fallback (--max-drop)" not in report.details["float_nodes"].values()
+    assert report.changes["int8_ops"] == plain.changes["int8_ops"]
+    assert report.details["fusion"] == plain.details["fusion"]
+
+
+@pytest.mark.parametrize("metric", ["snr", "top1"])
+def test_other_max_drop_metrics_run(metric):
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, max_drop=0.0, metric=metric)
+    fallback = report.details["fallback"]
+    assert fallback["metric"] == metric
+    final = fallback.get("loss", fallback["loss_all_int8"])
+    assert final <= 0.0 or any("not reachable" in w for w in report.warnings)
+
+
+def test_max_drop_met_keeps_the_weight_report():
+    proto = test_models.build("resnet_basic_block")
+    data = _data(proto)
+    _, _, plain = _quant(proto, data)
+    _, _, report = _quant(proto, data, max_drop=0.5)
+    assert len(report.details["weights"]) == len(plain.details["weights"]) == 6
+
+
+def test_cle_runs_and_outputs_stay_close():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto, cle=True)
+    assert report.changes["equalized_pairs"] >= 1
+    assert len(report.details["cle"]["pairs"]) == report.changes["equalized_pairs"]
+    assert min(_cosines(proto, out)) >= 0.98
+    assert report.details["fusion"]["unfused"] == []
+
+
+def test_old_opset_is_raised_to_13():
+    proto = test_models.build("conv_chain", opset=11)
+    _, out, report = _quant(proto)
+    assert runtime.default_opset(out.to_proto()) >= 13
+    assert any("opset 11 -> 13" in note for note in report.notes)
+    assert min(_cosines(proto, out)) >= 0.98
+
+
+def test_tensor_snr_includes_each_tensors_own_rounding():
+    # N(0, 1) input at 8 bits over about +-3.7: ~41 dB, not the ~340 dB of an unquantized tensor
+    proto = test_models.build("resnet_basic_block")
+    _, _, report = _quant(proto)
+    rows = {r["tensor"]: r["snr_db"] for r in report.details["tensors"]}
+    assert 30.0 < rows["input"] < 60.0
+    assert all(15.0 < snr < 80.0 for snr in rows.values()), rows
+
+
+# ---------------------------------------------------------------------- CLI
+@pytest.fixture
+def classifier(model_file):
+    return model_file("resnet_basic_block", batch="N")
+
+
+def _npz(tmp_path, count=SAMPLES, size=16):
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=np.random.default_rng(0).standard_normal((count, 3, size, size)).astype(np.float32))
+    return path
+
+
+def test_cli_quantizes_writes_a_loadable_model_and_leaves_the_input_alone(cli, classifier, tmp_path):
+    out = tmp_path / "int8.onnx"
+    before = sha256(classifier)
+    result = cli(classifier, out, "--passes", "quant", "--calib", _npz(tmp_path), "--quant-placement", "all")
+    assert result.code == 0, result.err
+    assert "PASS" in result.out
+    emitted = onnx.load(str(out))
+    onnx.checker.check_model(emitted, full_check=True)
+    assert any(n.op_type == "QuantizeLinear" for n in emitted.graph.node)
+    session = runtime.make_session(str(out))
+    feed = test_models.sample_inputs(test_models.build("resnet_basic_block", batch="N"), batch=2)
+    assert runtime.run(session, feed)[0].shape == (2, 10)
+    assert sha256(classifier) == before
+
+
+def test_cli_options_reach_the_pass(cli, classifier, tmp_path):
+    out, report = tmp_path / "int8.onnx", tmp_path / "report.json"
+    result = cli(classifier, out, "--passes", "quant", "--calib", _npz(tmp_path), "--quant-placement", "all",
+                 "--act-type", "int8", "--calib-method", "minmax", "--quant-samples", "8", "--report-json", report)
+    assert result.code == 0, result.err
+    data = json.loads(report.read_text())
+    quant = next(p for p in data["passes"] if p["name"] == "quant")
+    assert quant["options"]["act_type"] == "int8"
+    assert quant["options"]["calib_method"] == "minmax"
+    assert quant["options"]["samples"] == 8
+    zero_points = _activation_zero_points(onnx.load(str(out)))
+    assert zero_points and all(z.dtype == np.int8 for z in zero_points)
+
+
+def test_cli_quant_per_tensor_turns_per_channel_off(cli, classifier, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = cli(classifier, out, "--passes", "quant", "--calib", _npz(tmp_path), "--quant-placement", "all",
+                 "--quant-per-tensor")
+    assert result.code == 0, result.err
+    scales = _weight_scales(onnx.load(str(out)))
+    assert scales and all(s.ndim == 0 for s in scales)
+
+
+def test_cli_bogus_calib_method_is_a_one_line_error(cli, classifier, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = cli(classifier, out, "--passes", "quant", "--calib", _npz(tmp_path), "--calib-method", "bogus")
+    assert_one_line_error(result, "--calib-method")
+    assert not out.exists()
+
+
+def test_cli_quant_without_calib_is_a_one_line_error(cli, classifier, tmp_path):
+    out = tmp_path / "int8.onnx"
+    assert_one_line_error(cli(classifier, out, "--passes", "quant"), "--calib")
+    assert not out.exists()
+
+
+def test_cli_quantized_input_is_a_one_line_error(cli, classifier, tmp_path):
+    first, second = tmp_path / "int8.onnx", tmp_path / "again.onnx"
+    calib = _npz(tmp_path)
+    assert cli(classifier, first, "--passes", "quant", "--calib", calib, "--quant-placement", "all").code == 0
+    assert_one_line_error(cli(first, second, "--passes", "quant", "--calib", calib, "--quant-placement", "all"),
+                          "already quantized")
+    assert not second.exists()
+
+
+def test_cli_too_few_samples_is_a_one_line_error(cli, classifier, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = cli(classifier, out, "--passes", "quant", "--calib", _npz(tmp_path, count=2), "--quant-placement", "all",
+                 "--calib-method", "entropy")
+    assert_one_line_error(result, "entropy")
+    assert not out.exists()
+
+
+def test_cli_help_documents_the_quant_flags(cli):
+    result = cli("--help")
+    assert result.code == 0
+    for flag in ("--act-type", "--calib-method", "--quant-per-tensor", "--cle", "--max-drop", "--max-drop-metric",
+                 "--quant-placement", "--quant-exclude"):
+        assert flag in result.out
+
+
+# ---------------------------------------------------------------------- a real model
+@pytest.mark.shared
+@pytest.mark.skipif(zoo.shared_models_dir() is None, reason="shared models folder absent")
+def test_resnet20_int8_agrees_with_float_and_fuses_fully():
+    from onnxslim_cv.model_io import load_model
+
+    entry = zoo.get("resnet20")
+    model = load_model(entry.model_path())
+    out, report = QuantPass(placement="all")(model, PassContext(calibration=entry.calibration(32), progress=False))
+    assert report.details["fusion"]["unfused"] == []
+    assert report.details["fusion"]["int8_kernels"].get("QLinearConv", 0) >= 19
+    reference, candidate = runtime.make_session(model.to_proto()), runtime.make_session(out.to_proto())
+    agree = total = 0
+    for feed in entry.inputs(64):
+        a, b = runtime.run(reference, feed)[0], runtime.run(candidate, feed)[0]
+        agree += int(np.argmax(a) == np.argmax(b))
+        total += 1
+    assert total == 64
+    assert agree / total >= 0.9
