@@ -320,8 +320,10 @@ def collect_stats(
     tapped = list(stats.tensors)
     if not tapped:
         return stats
-    session = activations.tap_session(model, tapped)
-    for values in activations.iterate(session, data, tapped, batch_size=batch_size):
+    # One inference thread, overlapped with the histogram work on the other core.
+    threads = 1 if needs_histogram(method) else None
+    session = activations.tap_session(model, tapped, threads=threads)
+    for values in activations.prefetch(activations.iterate(session, data, tapped, batch_size=batch_size)):
         stats.update(values)
         if progress is not None:
             progress.update(1)
