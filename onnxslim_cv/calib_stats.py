@@ -282,6 +282,7 @@ class CalibrationStats:
         }
         self.batches = 0
         self.samples = 0
+        self.moments: Dict[str, "activations.ChannelMoments"] = {}
 
     def update(self, values: Dict[str, np.ndarray]) -> None:
         """Merge one batch of ``{name: activation}``; names not being tracked are ignored."""
@@ -310,21 +311,28 @@ def collect_stats(
     batch_size: int = 16,
     progress=None,
     bins: int = DEFAULT_BINS,
+    channel_axes: Optional[Dict[str, int]] = None,
 ) -> CalibrationStats:
     """Run ``model`` (an onnxslim_cv.ir.Model) over ``data`` (a CalibrationData or iterable of
     feed dicts), tapping tensors ``names``, and merge statistics batch by batch.
 
     Only minmax skips the histogram, which makes its pass over the data several times faster.
+    ``channel_axes`` (tensor -> channel axis) also accumulates per-channel moments of those
+    tensors in the same pass (``stats.moments``), for passes that need channel means too.
     """
     stats = CalibrationStats(names, histogram=needs_histogram(method), bins=bins)
-    tapped = list(stats.tensors)
+    channel_axes = dict(channel_axes or {})
+    stats.moments = {name: activations.ChannelMoments(axis) for name, axis in channel_axes.items()}
+    tapped = list(dict.fromkeys(list(stats.tensors) + list(channel_axes)))
     if not tapped:
         return stats
     # One inference thread, overlapped with the histogram work on the other core.
     threads = 1 if needs_histogram(method) else None
     session = activations.tap_session(model, tapped, threads=threads)
     for values in activations.prefetch(activations.iterate(session, data, tapped, batch_size=batch_size)):
-        stats.update(values)
+        stats.update({name: values[name] for name in stats.tensors})
+        for name, moments in stats.moments.items():
+            moments.update(values[name])
         if progress is not None:
             progress.update(1)
     return stats

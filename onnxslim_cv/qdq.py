@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -280,11 +280,35 @@ def plan_quantization(
                 mark(out)
                 if plan.root(out.name) != plan.root(source):
                     plan.ties[out.name] = plan.root(source)
+    _drop_dead_end_passthroughs(graph, plan, int8, quantized)
     plan.int8_nodes = [n.name for n in graph.nodes if n.name in int8]
     plan.ops = {n.name: n.op for n in graph.nodes if n.name in int8}
     plan.quantized = list(quantized)
     # Tied classes: keep the representative a tensor that is itself quantized.
     return plan
+
+
+def _drop_dead_end_passthroughs(graph: gs.Graph, plan: QuantPlan, int8: Set[str], quantized: Dict[str, None]) -> None:
+    """Pass-through ops carry int8 only to reach int8 readers; ones that lead only to float
+    ops go back to float (onnxruntime's uint8 MaxPool outside its NHWC path is several times
+    slower than the float one, and the dequantize has to happen anyway)."""
+    absorbed_sources = {source for source, _, _ in plan.absorbed.values()}
+    for node in reversed(list(graph.nodes)):
+        if node.name not in int8 or node.op not in PASSTHROUGH_OPS:
+            continue
+        readers = [r for out in node.outputs for r in out.outputs]
+        if any(is_graph_output(graph, out) for out in node.outputs):
+            continue
+        if any(r.name in int8 or r.name in plan.fused_activations or r.name in plan.absorbed for r in readers):
+            continue
+        if any(out.name in absorbed_sources for out in node.outputs):
+            continue
+        int8.discard(node.name)
+        for out in node.outputs:
+            quantized.pop(out.name, None)
+            plan.ties.pop(out.name, None)
+            for tensor in [t for t, root in plan.ties.items() if root == out.name]:
+                plan.ties.pop(tensor)
 
 
 def output_layers(model: Model, *, max_share: Optional[float] = None) -> List[str]:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim_cv import activations, runtime
+from onnxslim_cv import activations
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.graph_utils import name_nodes
 from onnxslim_cv.ir import Model
@@ -51,8 +51,11 @@ METRICS = ("cosine", "snr", "top1")
 DEFAULT_SAMPLES = 256
 FALLBACK_SAMPLES = 64
 MIN_HISTOGRAM_SAMPLES = 8
+PLACEMENT_SECONDS = 1.5  # total timing budget for the candidate placements
+PLACEMENT_MARGIN = 0.02  # a float stem must win by this much to be chosen over all-int8
 OUTPUT_LAYER_SHARE = 0.05  # output layers stay float while together under 5% of the MACs
 BIAS_SAMPLES = 64
+SNR_SAMPLES = 8
 
 
 def _fraction(value) -> float:
@@ -130,8 +133,6 @@ class QuantPass(Pass):
     )
 
     def run(self, model: Model, context: PassContext) -> PassReport:
-        from onnxslim_cv import calib_stats
-
         report = PassReport(self.name, options=dict(self.config))
         config = self.config
         found = is_quantized_model(model)
@@ -150,8 +151,8 @@ class QuantPass(Pass):
         float_model = model  # the float reference for correction and fallback
         act_type = config["act_type"]
 
-        base_float = dict.fromkeys(output_layers(float_model, max_share=OUTPUT_LAYER_SHARE) if config["output_layers"] == "float" else [],
-                                   "computes a model output (--quant-output-layers float)")
+        heads = output_layers(float_model, max_share=OUTPUT_LAYER_SHARE) if config["output_layers"] == "float" else []
+        base_float = dict.fromkeys(heads, "computes a model output (--quant-output-layers float)")
         plan = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=base_float)
         if not plan.int8_nodes:
             report.notes.append("nothing to quantize: no Conv/Gemm/MatMul with constant float weights")
@@ -167,7 +168,7 @@ class QuantPass(Pass):
         placement_note = None
         mark = time.perf_counter()
         if config["placement"] == "auto":
-            keep, placement_note = _choose_float_stem(float_model, plan, ranges, act_type, config, context, base_float)
+            keep, placement_note = _choose_float_stem(float_model, plan, ranges, act_type, config, data, base_float)
             if keep:
                 keep = {**base_float, **dict.fromkeys(keep, "float stem: faster in fp32 on this CPU (--quant-placement)")}
                 plan = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=keep)
@@ -184,7 +185,7 @@ class QuantPass(Pass):
         corrections: Dict[str, np.ndarray] = {}
         bias_mode = config["bias_correction"]
         if bias_mode in ("auto", "on"):
-            corrections = _bias_correction(float_model, plan, params, config, data, context)
+            corrections = _bias_correction(float_model, plan, stats, config, data, context)
         quantized, weights = _emit(float_model, plan, params, config, corrections)
         timings["bias_correction_and_emit"] = time.perf_counter() - mark
         mark = time.perf_counter()
@@ -200,7 +201,7 @@ class QuantPass(Pass):
         timings["fallback"] = time.perf_counter() - mark
         mark = time.perf_counter()
         fusion = fusion_report(quantized.to_proto(), plan)
-        snr = _tensor_snr(float_model, quantized, plan, data.limited(16))
+        snr = _tensor_snr(float_model, quantized, plan, data.limited(SNR_SAMPLES))
         _fill_report(report, plan, params, weights, fusion, snr, fallback, corrections)
         timings["report"] = time.perf_counter() - mark
         report.details["seconds"] = round(time.perf_counter() - started, 3)
@@ -250,18 +251,50 @@ def _equalize(model: Model, report: PassReport) -> None:
 def _calibrate(model, plan: QuantPlan, data, method, config, context, report):
     from onnxslim_cv import calib_stats
 
-    names = [t for t in plan.quantized if t not in plan.fixed_ranges]
+    derived = _derived_tensors(plan)
+    names = [t for t in plan.quantized if t not in plan.fixed_ranges and t not in derived]
     count = data.count()
     if calib_stats.needs_histogram(method) and count is not None and count < MIN_HISTOGRAM_SAMPLES:
         raise UserError(
             f"quant: --calib-method {method} needs at least {MIN_HISTOGRAM_SAMPLES} calibration samples to estimate "
             f"a distribution, got {count}; give more samples or use --calib-method minmax"
         )
+    # The inputs' channel means for bias correction come from the same pass over the data.
+    axes = {node.inputs[0].name: 1 for node in _corrected_layers(model, plan)}
     with progress_bar(context, total=None, desc=f"quant: calibrate ({method})", unit="batch") as bar:
-        stats = calib_stats.collect_stats(model, names, data, method=method, progress=bar)
+        stats = calib_stats.collect_stats(model, names, data, method=method, progress=bar, channel_axes=axes)
     if stats.samples == 0:
         raise UserError("quant: the calibration data is empty")
     return stats
+
+
+def _derived_tensors(plan: QuantPlan) -> Dict[str, List[str]]:
+    """Quantized tensors whose range follows from others, so calibration need not tap them.
+
+    A pass-through output (MaxPool, Reshape, Transpose, Split, ...) shares its input's scale
+    anyway; a Concat output is the union of its inputs. Fewer tapped tensors make the
+    calibration pass proportionally faster on shuffle-heavy graphs.
+    """
+    quantized = set(plan.quantized)
+    derived: Dict[str, List[str]] = {}
+    for tensor, source in plan.ties.items():
+        if tensor in quantized and source in quantized:
+            derived[tensor] = [source]
+    for output, inputs in plan.concats.items():
+        if output in quantized and inputs and all(t in quantized for t in inputs):
+            derived.setdefault(output, list(inputs))
+    # never derive a tensor from itself through a cycle of ties/concats
+    for tensor in list(derived):
+        seen, stack = set(), list(derived[tensor])
+        while stack:
+            t = stack.pop()
+            if t == tensor:
+                del derived[tensor]
+                break
+            if t not in seen:
+                seen.add(t)
+                stack.extend(derived.get(t, []))
+    return derived
 
 
 def _ranges(plan: QuantPlan, stats, method: str, config, act_type: str) -> Dict[str, Tuple[float, float]]:
@@ -277,13 +310,24 @@ def _ranges(plan: QuantPlan, stats, method: str, config, act_type: str) -> Dict[
         kwargs["percentile"] = config["percentile"]
     enough = calib_stats.min_values(method, config["percentile"])
     own: Dict[str, Tuple[float, float]] = {}
+    derived = _derived_tensors(plan)
     for name in plan.quantized:
         if name in plan.fixed_ranges:
             own[name] = plan.fixed_ranges[name]
+        elif name in derived:
+            continue
         elif stats.tensors[name].count < enough:
             own[name] = stats.tensors[name].range("minmax", symmetric=kwargs["symmetric"])
         else:
             own[name] = stats.tensors[name].range(method, **kwargs)
+    pending = [name for name in plan.quantized if name not in own]
+    while pending:
+        ready = [n for n in pending if all(t in own for t in derived[n])]
+        if not ready:  # pragma: no cover - _derived_tensors removes cycles
+            raise RuntimeError(f"quant: cannot derive ranges of {pending[:3]}")
+        for name in ready:
+            own[name] = (min(own[t][0] for t in derived[name]), max(own[t][1] for t in derived[name]))
+        pending = [n for n in pending if n not in own]
     plan.tie_concats(own)
     ranges: Dict[str, Tuple[float, float]] = {}
     for root, members in plan.classes().items():
@@ -328,7 +372,13 @@ def _emit(float_model: Model, plan: QuantPlan, params, config, corrections):
     return model, weights
 
 
-def _bias_correction(float_model, plan, params, config, data, context) -> Dict[str, np.ndarray]:
+def _corrected_layers(model: Model, plan: QuantPlan) -> List[gs.Node]:
+    int8 = set(plan.int8_nodes)
+    return [n for n in model.graph.nodes
+            if n.name in int8 and n.op in ("Conv", "Gemm") and isinstance(n.inputs[1], gs.Constant)]
+
+
+def _bias_correction(float_model, plan, stats, config, data, context) -> Dict[str, np.ndarray]:
     """Per output channel, the mean shift that int8 weights add, removed through the bias.
 
     Nagel et al. 2019 (sec. 4.2): with W~ = dequantized int8 weights, E[y~ - y] = (W~ - W) E[x],
@@ -339,14 +389,12 @@ def _bias_correction(float_model, plan, params, config, data, context) -> Dict[s
     """
     from onnxslim_cv.qdq import quantize_weight, weight_axis
 
-    int8 = set(plan.int8_nodes)
-    layers = [n for n in float_model.graph.nodes
-              if n.name in int8 and n.op in ("Conv", "Gemm") and isinstance(n.inputs[1], gs.Constant)]
-    axes = {n.inputs[0].name: 1 for n in layers}
-    if not axes:
-        return {}
-    with progress_bar(context, total=None, desc="quant: input means", unit="batch") as bar:
-        moments = activations.channel_moments(float_model, axes, data.limited(BIAS_SAMPLES), progress=bar)
+    layers = _corrected_layers(float_model, plan)
+    moments = dict(getattr(stats, "moments", {}) or {})
+    axes = {n.inputs[0].name: 1 for n in layers if n.inputs[0].name not in moments}
+    if axes:  # layers the calibration pass did not see (placement changed the plan)
+        with progress_bar(context, total=None, desc="quant: input means", unit="batch") as bar:
+            moments.update(activations.channel_moments(float_model, axes, data.limited(BIAS_SAMPLES), progress=bar))
     corrections = {}
     for node in layers:
         weight = node.inputs[1].values.astype(np.float32)
@@ -429,8 +477,9 @@ def _small_input(node) -> bool:
     return bool(shape) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] <= 4
 
 
-def _choose_float_stem(float_model, plan, ranges, act_type, config, context, base_float) -> Tuple[List[str], Optional[str]]:
-    from onnxslim_cv.bench import benchmark
+def _choose_float_stem(float_model, plan, ranges, act_type, config, data, base_float) -> Tuple[List[str], Optional[str]]:
+    """Time the all-int8 model against a few float-stem candidates on one real input."""
+    from onnxslim_cv.bench import race
 
     candidates = _stem_candidates(float_model, plan)
     if not candidates:
@@ -438,32 +487,20 @@ def _choose_float_stem(float_model, plan, ranges, act_type, config, context, bas
     variants = {"all int8": []}
     for prefix in candidates:
         variants[f"first {len(prefix)} compute ops float"] = prefix
-    protos = {}
-    for label, keep in variants.items():
-        p = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float={**base_float, **dict.fromkeys(keep, "stem")})
-        # Timing does not depend on the exact ranges: unknown tensors get a neutral one.
+    protos = []
+    for keep in variants.values():
+        p = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"],
+                              keep_float={**base_float, **dict.fromkeys(keep, "stem")})
+        # Timing does not depend on the exact ranges: tensors not calibrated get a neutral one.
         params = _params(p, {t: ranges.get(t, (0.0, 1.0)) for t in p.quantized}, act_type)
         model, _ = _emit(float_model, p, params, config, {})
-        protos[label] = model.to_proto()
-    import tempfile, os
-
-    with tempfile.TemporaryDirectory(prefix="onnxslim-cv-placement-") as folder:
-        paths = []
-        for i, (label, proto) in enumerate(protos.items()):
-            path = os.path.join(folder, f"{i}.onnx")
-            onnx.save(proto, path)
-            paths.append(path)
-        shapes = {s.name: tuple(s.shape) for s in float_model.input_specs() if all(isinstance(d, int) and d > 0 for d in s.shape)}
-        try:
-            times = {}
-            base = benchmark([paths[0]] + paths[1:2], threads=1, seconds=1.0, input_shapes=shapes or None)
-            times[list(protos)[0]] = base.timings[0].median_ms
-            for label, path in list(zip(protos, paths))[1:]:
-                result = benchmark([paths[0], path], threads=1, seconds=1.0, input_shapes=shapes or None)
-                times[label] = times[list(protos)[0]] * result.ratio
-        except Exception as exc:  # timing is an optimisation: never fail the pass on it
-            return [], f"placement: timing failed ({type(exc).__name__}), every supported op int8"
-    best = min(times, key=lambda k: times[k] * (1.0 if k == "all int8" else 1.03))
+        protos.append(model.to_proto())
+    try:
+        feed = next(iter(data.batches(1)))
+        times = dict(zip(variants, race(protos, feed, seconds=PLACEMENT_SECONDS)))
+    except Exception as exc:  # timing is an optimisation: never fail the pass on it
+        return [], f"placement: timing failed ({type(exc).__name__}), every supported op int8"
+    best = min(times, key=lambda k: times[k] * (1.0 if k == "all int8" else 1.0 + PLACEMENT_MARGIN))
     summary = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
     return variants[best], f"placement: {best} (measured, 1 thread: {summary})"
 
@@ -520,7 +557,9 @@ def _layer_noise(float_model, quantized, plan, data) -> Dict[str, float]:
         if node.name in int8 and node.op in COMPUTE_OPS:
             pairs[node.name] = (node.inputs[0].name, node.outputs[0].name)
     tensors = sorted({t for pair in pairs.values() for t in pair})
-    names_q = _quantized_names(quantized, tensors)
+    fallback_names = _quantized_names(quantized, tensors)
+    dequantized = quantized.annotations.get("dequantized", {})
+    names_q = {t: dequantized.get(t, fallback_names[t]) for t in tensors}
     ref_session = activations.tap_session(float_model, tensors)
     q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
     noise = {t: 0.0 for t in tensors}
@@ -596,7 +635,9 @@ def _fallback(float_model, quantized, plan, params, weights, ranges, corrections
 def _tensor_snr(float_model, quantized, plan, data) -> Dict[str, float]:
     """SNR (dB) of every quantized activation in the int8 model against the float model."""
     tensors = [t for t in plan.quantized]
-    names_q = quantized.annotations.get("dequantized") or _quantized_names(quantized, tensors)
+    fallback_names = _quantized_names(quantized, tensors)
+    dequantized = quantized.annotations.get("dequantized", {})
+    names_q = {t: dequantized.get(t, fallback_names[t]) for t in tensors}
     ref_session = activations.tap_session(float_model, tensors)
     q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
     noise = dict.fromkeys(tensors, 0.0)

@@ -167,7 +167,8 @@ def test_output_layers_float_keeps_a_cheap_classifier_float_and_int8_quantizes_i
     _, _, all_int8 = _quant(proto, data, output_layers="int8")
     assert all_int8.details["float_nodes"] == {}
     assert all_int8.details["fusion"]["int8_kernels"].get("QGemm") == 1
-    assert all_int8.changes["int8_ops"] == kept.changes["int8_ops"] + 1
+    # fc1 and the Flatten feeding it (a pass-through with no int8 reader left) go float together
+    assert all_int8.changes["int8_ops"] == kept.changes["int8_ops"] + 2
 
 
 def test_exclude_keeps_matching_layers_float():
