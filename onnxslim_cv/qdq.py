@@ -588,8 +588,46 @@ def emit_qdq(
                 cd = gs.Variable(names(f"{operand.name or node.name}_dequantized"), dtype=np.float32, shape=list(value.shape))
                 graph.nodes.append(gs.Node("DequantizeLinear", names(f"{node.name}_const{index}_DequantizeLinear"), inputs=[cq, cs, cz], outputs=[cd]))
                 node.inputs[index] = cd
+    _guard_float_layers(graph, plan, names)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return weights
+
+
+def _guard_float_layers(graph: gs.Graph, plan: QuantPlan, names: "_Names") -> None:
+    """Keep float layers float in onnxruntime too.
+
+    onnxruntime quantizes a float Conv/Gemm it finds between a DequantizeLinear and a
+    QuantizeLinear with its own per-tensor weights (its weight/bias quantization transformer),
+    so a layer kept float for accuracy would silently run int8 again. An ``Add`` of zeros
+    between the dequantize and the layer breaks that pattern at the cost of one element-wise
+    pass; other runtimes see an exact no-op.
+    """
+    int8 = set(plan.int8_nodes)
+    quantized = set(plan.quantized)
+    for node in list(graph.nodes):
+        if node.op not in COMPUTE_OPS or node.name in int8 or not node.inputs:
+            continue
+        source = node.inputs[0]
+        feeder = producer(source)
+        if feeder is None or feeder.op != "DequantizeLinear":
+            continue
+        outputs = [node.outputs[0]]
+        readers = list(node.outputs[0].outputs)
+        if len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS:
+            outputs.append(readers[0].outputs[0])
+        if not any(out.name in quantized or any(r.op == "QuantizeLinear" for r in out.outputs) for out in outputs):
+            continue
+        shape = source.shape
+        if node.op == "Conv" and shape and len(shape) >= 2 and isinstance(shape[1], int):
+            zeros = np.zeros((shape[1],) + (1,) * (len(shape) - 2), np.float32)
+        elif shape and isinstance(shape[-1], int):
+            zeros = np.zeros((shape[-1],), np.float32)
+        else:
+            continue
+        guarded = gs.Variable(names(f"{source.name}_float_guard"), dtype=np.float32, shape=source.shape)
+        constant = gs.Constant(names(f"{node.name}_float_guard_zeros"), zeros)
+        graph.nodes.append(gs.Node("Add", names(f"{node.name}_float_guard"), inputs=[source, constant], outputs=[guarded]))
+        node.inputs[0] = guarded
 
 
 def _swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

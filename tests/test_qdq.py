@@ -517,3 +517,24 @@ def test_is_quantized_model_tells_float_from_emitted():
     assert qdq.is_quantized_model(Model.from_proto(float_proto)) is None
     assert qdq.is_quantized_model(model) in ("QuantizeLinear", "DequantizeLinear")
     assert qdq.is_quantized_model(Model.from_proto(model.to_proto()))
+
+
+def test_a_layer_kept_float_between_int8_layers_stays_float_in_onnxruntime():
+    # onnxruntime would quantize a float Conv between DequantizeLinear and QuantizeLinear by
+    # itself; the emitted guard must stop that, and the outputs must not change.
+    model = _folded("conv_chain")
+    convs = _nodes(model, "Conv")
+    middle = convs[1]
+    plan = qdq.plan_quantization(model, keep_float={middle: "test"})
+    assert middle not in plan.int8_nodes
+    source = test_models.build("conv_chain")
+    feeds = [test_models.sample_inputs(source, seed=s) for s in range(4)]
+    reference = runtime.make_session(model.to_proto())
+    qdq.emit_qdq(model, plan, _params(plan, _observed_ranges(model, plan.quantized, feeds), "uint8"))
+    optimized = qdq.optimized_graph(model.to_proto())
+    ops = {n.name: n.op_type for n in optimized.graph.node}
+    assert ops.get(middle) in ("Conv", "FusedConv")
+    assert sum(op == "QLinearConv" for op in ops.values()) == len(convs) - 1
+    candidate = runtime.make_session(model.to_proto())
+    for feed in feeds:
+        assert _cosine(reference.run(None, feed)[0], candidate.run(None, feed)[0]) > 0.99
