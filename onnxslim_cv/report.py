@@ -93,7 +93,40 @@ def format_passes(reports: List[PassReport]) -> str:
         groups = report.details.get("groups") if isinstance(report.details, dict) else None
         if groups:
             lines.extend(_format_pruned_groups(report.name, groups))
+        tensors = report.details.get("tensors") if isinstance(report.details, dict) else None
+        if tensors:
+            lines.extend(_format_quantized(report.name, tensors, report.details.get("float_nodes") or {}))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- quantization
+MAX_TENSOR_ROWS = 10
+
+
+def _format_quantized(name: str, tensors: Sequence[Dict[str, Any]], float_nodes: Dict[str, str]) -> List[str]:
+    """The quantized tensors with the least SNR against float (where accuracy goes) and the
+    layers left float with their reasons; --report-json has every tensor."""
+    def snr(row) -> float:
+        value = row.get("snr_db")
+        return float("inf") if value is None or value != value else float(value)
+
+    worst = sorted(tensors, key=snr)[:MAX_TENSOR_ROWS]
+    rows = [
+        [
+            _clip(row["tensor"], 48),
+            f"{row['scale']:.3g}",
+            str(row["zero_point"]),
+            f"[{row['range'][0]:.3g}, {row['range'][1]:.3g}]",
+            "n/a" if snr(row) == float("inf") else f"{snr(row):.1f}",
+        ]
+        for row in worst
+    ]
+    lines = [f"  {name}: {len(tensors)} tensors quantized; the {len(rows)} with the lowest SNR vs float:"]
+    lines.append(_indent(table(["tensor", "scale", "zero point", "range", "SNR dB"], rows, align="lrrlr"), "    "))
+    if float_nodes:
+        lines.append(f"  {name}: kept float:")
+        lines.append(_indent(table(["node", "why"], [[_clip(n, 48), why] for n, why in float_nodes.items()], align="ll"), "    "))
+    return lines
 
 
 # ---------------------------------------------------------------------- channel groups

@@ -685,19 +685,11 @@ def _fill_report(report, plan, params, weights, fusion, snr, fallback, correctio
     for name in fallback:
         report.details["float_nodes"][name] = "accuracy fallback (--max-drop)"
     report.details["fusion"] = fusion.to_dict()
-    worst = sorted(layers, key=lambda r: r["snr_db"])[:3]
     report.notes.append(
         f"{len(plan.int8_nodes)} ops int8, {len(plan.quantized)} activations quantized, "
         f"{len(plan.fused_activations)} activations fused; onnxruntime kernels: "
         + ", ".join(f"{k} {v}" for k, v in sorted(fusion.int8_kernels.items()))
     )
-    if worst:
-        report.notes.append("lowest SNR: " + ", ".join(f"{r['tensor']} {r['snr_db']:.1f} dB" for r in worst))
     if fusion.unfused:
         report.warn(f"quant: {len(fusion.unfused)} planned int8 op(s) did not fuse in onnxruntime: "
                     + ", ".join(fusion.unfused[:5]))
-    if plan.float_nodes:
-        reasons: Dict[str, int] = {}
-        for reason in report.details["float_nodes"].values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        report.notes.append("kept float: " + "; ".join(f"{n} x {r}" for r, n in reasons.items()))

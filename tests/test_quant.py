@@ -470,3 +470,14 @@ def test_resnet20_int8_agrees_with_float_and_fuses_fully():
         total += 1
     assert total == 64
     assert agree / total >= 0.9
+
+
+def test_terminal_report_shows_the_lowest_snr_tensors_and_the_float_layers():
+    from onnxslim_cv.report import format_passes
+
+    _, _, report = _quant(test_models.build("resnet_basic_block"))
+    text = format_passes([report])
+    assert "with the lowest SNR vs float" in text
+    worst = min(report.details["tensors"], key=lambda row: row["snr_db"])
+    assert worst["tensor"] in text and f"{worst['snr_db']:.1f}" in text
+    assert "kept float:" in text and "computes a model output" in text
