@@ -329,6 +329,7 @@ def collect_stats(
     # One inference thread, overlapped with the histogram work on the other core.
     threads = 1 if needs_histogram(method) else None
     session = activations.tap_session(model, tapped, threads=threads)
+    batch_size = activations.batch_size_for(model, tapped, preferred=batch_size)
     for values in activations.prefetch(activations.iterate(session, data, tapped, batch_size=batch_size)):
         stats.update({name: values[name] for name in stats.tensors})
         for name, moments in stats.moments.items():

@@ -578,8 +578,9 @@ def _layer_noise(float_model, quantized, plan, data) -> Dict[str, float]:
     q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
     noise = {t: 0.0 for t in tensors}
     signal = {t: 0.0 for t in tensors}
-    for ref, cand in zip(activations.iterate(ref_session, data, tensors),
-                         activations.iterate(q_session, data, [names_q[t] for t in tensors])):
+    batch = activations.batch_size_for(float_model, tensors, budget=activations.TAP_BUDGET_BYTES // 2)
+    for ref, cand in zip(activations.iterate(ref_session, data, tensors, batch_size=batch),
+                         activations.iterate(q_session, data, [names_q[t] for t in tensors], batch_size=batch)):
         for t in tensors:
             a = ref[t].astype(np.float64)
             noise[t] += float(np.sum((a - cand[names_q[t]]) ** 2))
@@ -656,8 +657,9 @@ def _tensor_snr(float_model, quantized, plan, data) -> Dict[str, float]:
     q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
     noise = dict.fromkeys(tensors, 0.0)
     signal = dict.fromkeys(tensors, 0.0)
-    for ref, cand in zip(activations.iterate(ref_session, data, tensors),
-                         activations.iterate(q_session, data, [names_q[t] for t in tensors])):
+    batch = activations.batch_size_for(float_model, tensors, budget=activations.TAP_BUDGET_BYTES // 2)
+    for ref, cand in zip(activations.iterate(ref_session, data, tensors, batch_size=batch),
+                         activations.iterate(q_session, data, [names_q[t] for t in tensors], batch_size=batch)):
         for t in tensors:
             a = ref[t].astype(np.float64)
             noise[t] += float(np.sum((a - cand[names_q[t]]) ** 2))
