@@ -131,8 +131,10 @@ def _activation_inputs(node: gs.Node) -> List[gs.Tensor]:
 
 def _weight_ok(node: gs.Node) -> bool:
     """Compute ops quantize with a constant float weight (or two activations for MatMul)."""
-    if node.op in ("Conv", "Gemm"):
+    if node.op in ("Conv", "Gemm", "ConvTranspose"):
         if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            return False
+        if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
             return False
         if node.op == "Gemm" and (node.attrs.get("transA", 0) or len(node.inputs[1].shape) != 2):
             return False
@@ -240,7 +242,21 @@ def plan_quantization(
                 mark(result)
                 plan.absorbed[name] = (source.name, result.name, factor)
                 continue
-        if node.op in COMPUTE_OPS:
+        if node.op == "ConvTranspose":
+            # onnxruntime's CPU EP has no int8 ConvTranspose: QDQ around it would only add a
+            # dequantize and lose precision. TensorRT (--act-type int8) runs it in int8.
+            if act_type != "int8":
+                plan.float_nodes[name] = "ConvTranspose: no int8 kernel in onnxruntime CPU (int8 with --act-type int8)"
+                continue
+            if not _weight_ok(node):
+                plan.float_nodes[name] = "ConvTranspose with grouped or non-constant weights"
+                continue
+            int8.add(name)
+            for tensor in inputs:
+                mark(tensor)
+            for out, bounds in outputs_of(node):
+                mark(out)
+        elif node.op in COMPUTE_OPS:
             if not _weight_ok(node):
                 plan.float_nodes[name] = "weight is not a constant float tensor"
                 continue
@@ -445,6 +461,8 @@ def weight_axis(node: gs.Node, per_channel: bool) -> Optional[int]:
         return 0
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "ConvTranspose":
+        return 1  # weight [in, out, kh, kw] (group 1)
     return None  # MatMul: per tensor (QLinearMatMul wants a scalar B scale)
 
 
@@ -543,7 +561,7 @@ def emit_qdq(
     for node in list(graph.nodes):
         if node.name not in int8:
             continue
-        if node.op in ("Conv", "Gemm") or (node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant)):
+        if node.op in ("Conv", "Gemm", "ConvTranspose") or (node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant)):
             weight = node.inputs[1]
             axis = weight_axis(node, per_channel)
             q, wscale = quantize_weight(weight.values, axis)

@@ -481,3 +481,19 @@ def test_terminal_report_shows_the_lowest_snr_tensors_and_the_float_layers():
     worst = min(report.details["tensors"], key=lambda row: row["snr_db"])
     assert worst["tensor"] in text and f"{worst['snr_db']:.1f}" in text
     assert "kept float:" in text and "computes a model output" in text
+
+
+def test_conv_transpose_stays_float_for_onnxruntime_and_goes_int8_for_tensorrt():
+    proto = test_models.build("conv_transpose")
+    _, out, report = _quant(proto)
+    transposes = [n.name for n in out.graph.nodes if n.op == "ConvTranspose"]
+    assert transposes and all("no int8 kernel in onnxruntime" in report.details["float_nodes"][t] for t in transposes)
+    _, out_int8, report_int8 = _quant(proto, act_type="int8")
+    rows = {row["node"]: row for row in report_int8.details["weights"]}
+    assert all(rows[t]["per_channel"] for t in transposes)
+    weights = {n.outputs[0].name: n for n in out_int8.graph.nodes if n.op == "DequantizeLinear"}
+    for node in out_int8.graph.nodes:
+        if node.op == "ConvTranspose":
+            assert weights[node.inputs[1].name].attrs.get("axis") == 1
+    onnx.checker.check_model(out_int8.to_proto(), full_check=True)
+    assert min(_cosines(proto, out_int8)) >= 0.98
