@@ -13,8 +13,9 @@ The pipeline inside the pass, in order:
 5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
 6. bias correction: the mean error each int8 layer adds to its outputs, measured on
    calibration data, is subtracted from its bias (empirical form of Nagel et al. 2019, sec. 4.2);
-7. accuracy-aware fallback (``--max-drop``): layers ranked by how much quantization noise
-   they add, the fewest kept in float until the metric holds;
+7. accuracy-aware fallback (``--max-drop``): the layers that add the most quantization noise
+   are each put back to float alone and ranked by the loss left; the fewest, in that order,
+   stay float until the metric holds;
 8. a report per quantized tensor (scale, zero point, range, SNR) and of onnxruntime's fusion.
 """
 
@@ -56,6 +57,7 @@ PLACEMENT_MARGIN = 0.02  # a float stem must win by this much to be chosen over 
 OUTPUT_LAYER_SHARE = 0.02  # output layers stay float while together under 2% of the MACs
 BIAS_SAMPLES = 64
 SNR_SAMPLES = 8
+SENSITIVITY_CANDIDATES = 24  # layers measured one by one for --max-drop (the noisiest first)
 
 
 def _fraction(value) -> float:
@@ -597,17 +599,31 @@ def _fallback(float_model, quantized, plan, params, weights, ranges, corrections
     if loss <= target:
         report.notes.append(f"accuracy target met with every layer int8 ({metric} loss {loss:.4g} <= {target})")
         return quantized, plan, params, weights, []
-    ranking = sorted(_layer_noise(float_model, quantized, plan, data).items(), key=lambda kv: -kv[1])
-    order = [name for name, _ in ranking]
     act_type = config["act_type"]
 
-    def build(k: int):
-        keep = {**plan.keep, **dict.fromkeys(order[:k], "accuracy fallback (--max-drop)")}
+    def build_keeping(names):
+        keep = {**plan.keep, **dict.fromkeys(names, "accuracy fallback (--max-drop)")}
         p = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=keep)
         prm = _params(p, {t: ranges.get(t, ranges.get(p.root(t), (0.0, 1.0))) for t in p.quantized}, act_type)
         kept_corrections = {n: d for n, d in corrections.items() if n not in keep}
         model, weights = _emit(float_model, p, prm, config, kept_corrections)
         return model, p, prm, weights, output_loss(reference, _outputs(model, data), metric)
+
+    # Sensitivity: the noisiest layers (by the noise each adds to its own output) are ranked
+    # again by the loss left when each alone goes back to float, measured end to end.
+    noise = sorted(_layer_noise(float_model, quantized, plan, data).items(), key=lambda kv: -kv[1])
+    proxy = [name for name, _ in noise]
+    shortlist = proxy[:SENSITIVITY_CANDIDATES]
+    with progress_bar(context, total=len(shortlist), desc="quant: layer sensitivity", unit="layer") as bar:
+        alone = {}
+        for name in shortlist:
+            alone[name] = build_keeping([name])[4]
+            bar.update(1)
+    order = sorted(shortlist, key=lambda n: alone[n]) + proxy[len(shortlist):]
+    report.details["fallback"]["sensitivity"] = {n: alone[n] for n in order if n in alone}
+
+    def build(k: int):
+        return build_keeping(order[:k])
 
     # Exponential then binary search over how many of the noisiest layers stay float.
     tried = {}
