@@ -242,23 +242,14 @@ def plan_quantization(
                 mark(result)
                 plan.absorbed[name] = (source.name, result.name, factor)
                 continue
-        if node.op == "ConvTranspose":
-            # onnxruntime's CPU EP has no int8 ConvTranspose: QDQ around it would only add a
-            # dequantize and lose precision. TensorRT (--act-type int8) runs it in int8.
-            if act_type != "int8":
+        if node.op in COMPUTE_OPS or node.op == "ConvTranspose":
+            if node.op == "ConvTranspose" and act_type != "int8":
+                # onnxruntime's CPU EP has no int8 ConvTranspose: QDQ around it would only add
+                # a dequantize and lose precision. TensorRT (--act-type int8) runs it in int8.
                 plan.float_nodes[name] = "ConvTranspose: no int8 kernel in onnxruntime CPU (int8 with --act-type int8)"
                 continue
             if not _weight_ok(node):
-                plan.float_nodes[name] = "ConvTranspose with grouped or non-constant weights"
-                continue
-            int8.add(name)
-            for tensor in inputs:
-                mark(tensor)
-            for out, bounds in outputs_of(node):
-                mark(out)
-        elif node.op in COMPUTE_OPS:
-            if not _weight_ok(node):
-                plan.float_nodes[name] = "weight is not a constant float tensor"
+                plan.float_nodes[name] = "weight is not a constant float tensor (or a grouped ConvTranspose)"
                 continue
             int8.add(name)
             for tensor in inputs:

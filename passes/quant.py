@@ -565,21 +565,19 @@ def output_loss(reference: List[List[np.ndarray]], candidate: List[List[np.ndarr
     return 1.0 - float(np.mean(cosines)) if cosines else 0.0
 
 
-def _layer_noise(float_model, quantized, plan, data) -> Dict[str, float]:
-    """Noise each int8 compute node adds: output noise/signal minus its input's (ranking key)."""
-    int8 = set(plan.int8_nodes)
-    pairs = {}
-    for node in float_model.graph.nodes:
-        if node.name in int8 and node.op in COMPUTE_OPS:
-            pairs[node.name] = (node.inputs[0].name, node.outputs[0].name)
-    tensors = sorted({t for pair in pairs.values() for t in pair})
+def _noise_ratios(float_model, quantized, tensors: List[str], data) -> Dict[str, float]:
+    """Noise / signal power of each tensor in the int8 model against the float model.
+
+    Where a tensor is quantized, the int8 model's value is its dequantized one (what the
+    rest of the graph reads); elsewhere the tensor of the same name.
+    """
     fallback_names = _quantized_names(quantized, tensors)
     dequantized = quantized.annotations.get("dequantized", {})
     names_q = {t: dequantized.get(t, fallback_names[t]) for t in tensors}
     ref_session = activations.tap_session(float_model, tensors)
     q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
-    noise = {t: 0.0 for t in tensors}
-    signal = {t: 0.0 for t in tensors}
+    noise = dict.fromkeys(tensors, 0.0)
+    signal = dict.fromkeys(tensors, 0.0)
     batch = activations.batch_size_for(float_model, tensors, budget=activations.TAP_BUDGET_BYTES // 2)
     for ref, cand in zip(activations.iterate(ref_session, data, tensors, batch_size=batch),
                          activations.iterate(q_session, data, [names_q[t] for t in tensors], batch_size=batch)):
@@ -587,7 +585,17 @@ def _layer_noise(float_model, quantized, plan, data) -> Dict[str, float]:
             a = ref[t].astype(np.float64)
             noise[t] += float(np.sum((a - cand[names_q[t]]) ** 2))
             signal[t] += float(np.sum(a ** 2))
-    ratio = {t: noise[t] / max(signal[t], 1e-30) for t in tensors}
+    return {t: noise[t] / max(signal[t], 1e-30) for t in tensors}
+
+
+def _layer_noise(float_model, quantized, plan, data) -> Dict[str, float]:
+    """Noise each int8 compute node adds: output noise/signal minus its input's (ranking key)."""
+    int8 = set(plan.int8_nodes)
+    pairs = {}
+    for node in float_model.graph.nodes:
+        if node.name in int8 and node.op in COMPUTE_OPS:
+            pairs[node.name] = (node.inputs[0].name, node.outputs[0].name)
+    ratio = _noise_ratios(float_model, quantized, sorted({t for pair in pairs.values() for t in pair}), data)
     return {name: ratio[out] - ratio[inp] for name, (inp, out) in pairs.items()}
 
 
@@ -665,22 +673,8 @@ def _fallback(float_model, quantized, plan, params, weights, ranges, corrections
 
 def _tensor_snr(float_model, quantized, plan, data) -> Dict[str, float]:
     """SNR (dB) of every quantized activation in the int8 model against the float model."""
-    tensors = [t for t in plan.quantized]
-    fallback_names = _quantized_names(quantized, tensors)
-    dequantized = quantized.annotations.get("dequantized", {})
-    names_q = {t: dequantized.get(t, fallback_names[t]) for t in tensors}
-    ref_session = activations.tap_session(float_model, tensors)
-    q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
-    noise = dict.fromkeys(tensors, 0.0)
-    signal = dict.fromkeys(tensors, 0.0)
-    batch = activations.batch_size_for(float_model, tensors, budget=activations.TAP_BUDGET_BYTES // 2)
-    for ref, cand in zip(activations.iterate(ref_session, data, tensors, batch_size=batch),
-                         activations.iterate(q_session, data, [names_q[t] for t in tensors], batch_size=batch)):
-        for t in tensors:
-            a = ref[t].astype(np.float64)
-            noise[t] += float(np.sum((a - cand[names_q[t]]) ** 2))
-            signal[t] += float(np.sum(a ** 2))
-    return {t: float(10 * np.log10(max(signal[t], 1e-30) / max(noise[t], 1e-30))) for t in tensors}
+    ratio = _noise_ratios(float_model, quantized, list(plan.quantized), data)
+    return {t: float(-10 * np.log10(max(r, 1e-30))) for t, r in ratio.items()}
 
 
 def _fill_report(report, plan, params, weights, fusion, snr, fallback, corrections) -> None:

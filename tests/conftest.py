@@ -94,3 +94,14 @@ def temporary_pass():
     yield register
     for name in added:
         _REGISTRY.pop(name, None)
+
+
+def with_scalar_clip_bounds(proto):
+    """Clip min/max as 0-d initializers (what PyTorch exports) instead of the builders' [1]."""
+    from onnx import numpy_helper
+
+    bounds = {n.input[i] for n in proto.graph.node if n.op_type == "Clip" for i in (1, 2) if len(n.input) > i}
+    for init in proto.graph.initializer:
+        if init.name in bounds:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), init.name))
+    return proto

@@ -13,6 +13,8 @@ from onnxslim_cv import qdq, runtime
 from onnxslim_cv.ir import Model
 from onnxslim_cv.passes.fold import FoldPass
 from onnxslim_cv.pipeline import PassContext
+
+from .conftest import with_scalar_clip_bounds
 from onnxslim_cv.testing import models as test_models
 
 
@@ -29,13 +31,6 @@ def _nodes(model: Model, op: str) -> List[str]:
     return [n.name for n in model.graph.nodes if n.op == op]
 
 
-def _with_scalar_clip_bounds(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Clip min/max as 0-d initializers (what PyTorch exports) instead of the builder's [1]."""
-    bounds = {n.input[i] for n in proto.graph.node if n.op_type == "Clip" for i in (1, 2) if len(n.input) > i}
-    for init in proto.graph.initializer:
-        if init.name in bounds:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), init.name))
-    return proto
 
 
 def _float_island_model() -> onnx.ModelProto:
@@ -243,7 +238,7 @@ def test_exclude_regex_keeps_matching_nodes_float():
 
 
 def test_clip_with_scalar_bounds_fuses_like_relu():
-    model = _folded(_with_scalar_clip_bounds(test_models.build("mobilenetv2_block")))
+    model = _folded(with_scalar_clip_bounds(test_models.build("mobilenetv2_block")))
     plan = qdq.plan_quantization(model)
     clips = _nodes(model, "Clip")
     assert clips and set(clips) <= set(plan.fused_activations)

@@ -18,24 +18,17 @@ from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.testing import models as test_models
 from onnxslim_cv.testing import zoo
 
-from .conftest import assert_one_line_error, sha256
+from .conftest import assert_one_line_error, sha256, with_scalar_clip_bounds
 
 SAMPLES = 16
 
 
 # ---------------------------------------------------------------------- helpers
-def _with_scalar_clip_bounds(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Clip min/max as 0-d initializers (what PyTorch exports) instead of the builder's [1]."""
-    bounds = {n.input[i] for n in proto.graph.node if n.op_type == "Clip" for i in (1, 2) if len(n.input) > i}
-    for init in proto.graph.initializer:
-        if init.name in bounds:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), init.name))
-    return proto
 
 
 def _proto(name: str) -> onnx.ModelProto:
     if name == "mobilenetv2_block (scalar clip)":
-        return _with_scalar_clip_bounds(test_models.build("mobilenetv2_block"))
+        return with_scalar_clip_bounds(test_models.build("mobilenetv2_block"))
     return test_models.build(name)
 
 
