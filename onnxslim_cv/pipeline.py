@@ -21,6 +21,25 @@ from .stats import ModelStats, model_stats
 log = logging.getLogger("onnxslim_cv")
 
 
+def positive_int(value) -> int:
+    """PassOption parser: an integer >= 1."""
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
+
+
+def regex(value) -> str:
+    """PassOption parser: a valid regular expression (checked now, not mid-pass)."""
+    import re
+
+    try:
+        re.compile(str(value))
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class PassOption:
     """One option of a pass: a keyword argument in the library, a flag on the command line.

@@ -41,7 +41,7 @@ from onnxslim_cv import activations
 from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency_graph, prune_channels
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, register_pass
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstruct, reconstructable
 
@@ -72,21 +72,6 @@ def _round_to(value) -> Any:
     if number < 1:
         raise ValueError("must be 'auto' or a positive integer")
     return number
-
-
-def _positive(value) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be >= 1")
-    return number
-
-
-def _regex(value) -> str:
-    try:
-        re.compile(str(value))
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression ({exc})")
-    return str(value)
 
 
 def native_block_size() -> int:
@@ -125,9 +110,9 @@ class PrunePass(Pass):
             metavar="N",
             aliases=("--round-to",),
         ),
-        PassOption("min_channels", 1, "never keep fewer channels than this in a group", _positive, metavar="N", aliases=("--min-channels",)),
+        PassOption("min_channels", 1, "never keep fewer channels than this in a group", positive_int, metavar="N", aliases=("--min-channels",)),
         PassOption("max_ratio", 0.8, "with a MACs target: most any one group may lose", _fraction(True, True, "max ratio"), metavar="R"),
-        PassOption("exclude", None, "never prune groups with a node or tensor name matching this regex", _regex, metavar="REGEX"),
+        PassOption("exclude", None, "never prune groups with a node or tensor name matching this regex", regex, metavar="REGEX"),
         PassOption("recipe", None, "JSON file: pass options plus per-group ratios {\"groups\": {REGEX: ratio}}", str, metavar="FILE"),
         PassOption(
             "recovery",
@@ -136,7 +121,7 @@ class PrunePass(Pass):
             str,
             choices=RECOVERY,
         ),
-        PassOption("samples", 256, "calibration samples used for importance and recovery", _positive, metavar="N"),
+        PassOption("samples", 256, "calibration samples used for importance and recovery", positive_int, metavar="N"),
     )
     demo_options = {"ratio": 0.25, "round_to": 1}
 
@@ -166,7 +151,7 @@ class PrunePass(Pass):
                     raise UserError(f"--prune-recipe {path}: 'groups' must map regexes to ratios")
                 for pattern, ratio in value.items():
                     try:
-                        _regex(pattern)
+                        regex(pattern)
                         self.group_ratios[pattern] = _fraction(False, True, "ratio")(ratio)
                     except (TypeError, ValueError) as exc:
                         raise UserError(f"--prune-recipe {path}: groups[{pattern!r}]: {exc}")
@@ -211,9 +196,9 @@ class PrunePass(Pass):
             dg.freeze_matching(config["exclude"], f"excluded by --prune-exclude {config['exclude']}")
         fixed_ratio: Dict[int, float] = {}
         for pattern, ratio in self.group_ratios.items():
-            regex = re.compile(pattern)
+            compiled = re.compile(pattern)
             for group in dg.groups:
-                if any(regex.search(n) for n in group.nodes + group.tensors + group.sources):
+                if any(compiled.search(n) for n in group.nodes + group.tensors + group.sources):
                     if ratio == 0 and not group.frozen:
                         group.frozen.append(f"ratio 0 in recipe ({pattern})")
                     fixed_ratio[group.id] = ratio

@@ -21,7 +21,6 @@ The pipeline inside the pass, in order:
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -33,7 +32,7 @@ from onnxslim_cv import activations
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.graph_utils import name_nodes
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, progress_bar, register_pass
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, progress_bar, regex, register_pass
 from onnxslim_cv.qdq import (
     ACT_TYPES,
     COMPUTE_OPS,
@@ -74,21 +73,6 @@ def _percent(value) -> float:
     return number
 
 
-def _positive(value) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive integer")
-    return number
-
-
-def _regex(value) -> str:
-    try:
-        re.compile(str(value))
-    except re.error as exc:
-        raise ValueError(f"not a regular expression ({exc})")
-    return str(value)
-
-
 @register_pass
 class QuantPass(Pass):
     name = "quant"
@@ -110,7 +94,7 @@ class QuantPass(Pass):
                    "error); all stream, so memory does not grow with --quant-samples",
                    choices=CALIB_METHODS, flag="--calib-method", metavar="METHOD"),
         PassOption("percentile", 99.999, "percentile kept by --calib-method percentile", parse=_percent, metavar="P"),
-        PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=_positive, metavar="N"),
+        PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=positive_int, metavar="N"),
         PassOption("per_tensor", False, "one scale per weight tensor instead of one per output channel "
                    "(per-channel is the default and almost always more accurate)", is_switch=True),
         PassOption("cle", False, "cross-layer equalization before quantizing (Nagel et al. 2019): helps models "
@@ -125,7 +109,7 @@ class QuantPass(Pass):
                    "quantizes them too",
                    choices=("float", "int8"), metavar="MODE"),
         PassOption("exclude", None, "keep nodes whose name (or output tensor name) matches this regex in float",
-                   parse=_regex, metavar="REGEX"),
+                   parse=regex, metavar="REGEX"),
         PassOption("max_drop", None, "accuracy target against fp32: keep the fewest layers float until the loss "
                    "is at most this (see --max-drop-metric), measured on --val data or else on calibration data",
                    parse=_fraction, flag="--max-drop", metavar="X"),
