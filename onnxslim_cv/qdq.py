@@ -7,13 +7,14 @@ the "int8" model slower than fp32 (onnxruntime's own quantizer does this to SE b
 hard-swish chains). So placement is a graph decision, not a per-op flag:
 
 - compute ops (Conv, Gemm, MatMul) always run int8 unless kept float;
-- element-wise ops with int8 kernels (Add, Mul, Concat, pooling, Sigmoid, LeakyRelu, Softmax)
+- element-wise ops with int8 kernels (Add, Mul, Concat, pooling, Sigmoid, LeakyRelu)
   run int8 when one of their inputs is already int8, so a chain never leaves int8 for them;
 - data-movement ops (MaxPool, Reshape, Transpose, nearest Resize, ...) carry their input's
   quantization through unchanged (tied scales), which lets onnxruntime drop their QDQ;
 - Relu / Clip right after an int8 op are fused by quantizing *their* output (zero point at
   the bottom of the range), never with a QDQ pair between conv and activation;
-- Concat inputs share one scale so QLinearConcat is a copy, not a requantization.
+- a Div / Mul by a positive scalar after an int8 op is folded into the quantize scale;
+- Concat inputs share one scale when their ranges are alike, so QLinearConcat is a copy.
 
 The check that this worked reads onnxruntime's optimized graph (``fusion_report``).
 """
@@ -89,11 +90,11 @@ class QuantPlan:
         """Share one scale across each Concat whose inputs' ranges are within ``tolerance`` x of
         the union: QLinearConcat is then a copy. A narrow input (a sigmoid next to raw box
         offsets) keeps its own scale instead of losing its precision."""
+        def span(lo: float, hi: float) -> float:
+            return max(hi, 0.0) - min(lo, 0.0)
+
         tied = 0
         for output, inputs in self.concats.items():
-            def span(lo: float, hi: float) -> float:
-                return max(hi, 0.0) - min(lo, 0.0)
-
             members = [output] + inputs
             union = span(min(ranges[m][0] for m in members), max(ranges[m][1] for m in members))
             if all(span(*ranges[m]) * tolerance >= union for m in inputs):
@@ -159,7 +160,7 @@ def _clip_bounds(node: gs.Node) -> Optional[Tuple[float, float]]:
         lo = float(node.attrs["min"])
     if "max" in node.attrs:
         hi = float(node.attrs["max"])
-    for index, default in ((1, None), (2, None)):
+    for index in (1, 2):
         if len(node.inputs) > index and node.inputs[index] is not None and node.inputs[index].name:
             value = constant_value(node.inputs[index])
             if value is None or np.size(value) != 1:
@@ -207,10 +208,9 @@ def plan_quantization(
                 and _fusable_activation(readers[0], act_type)
             ):
                 plan.fused_activations[readers[0].name] = node.name
-                lo_hi = _clip_bounds(readers[0]) if readers[0].op == "Clip" else (0.0, np.inf)
-                result.append((readers[0].outputs[0], lo_hi))
+                result.append(readers[0].outputs[0])
             else:
-                result.append((out, None))
+                result.append(out)
         return result
 
     for node in graph.nodes:
@@ -254,7 +254,7 @@ def plan_quantization(
             int8.add(name)
             for tensor in inputs:
                 mark(tensor)
-            for out, bounds in outputs_of(node):
+            for out in outputs_of(node):
                 mark(out)
         elif node.op in QLINEAR_OPS:
             if not inputs or not any(t.name in quantized for t in inputs):
@@ -263,19 +263,16 @@ def plan_quantization(
                 # A model output keeps float precision; the op is cheap next to the convs.
                 plan.float_nodes[name] = "produces a model output"
                 continue
-            if node.op == "Softmax" and node.attrs.get("axis", -1) not in (-1, len(node.inputs[0].shape or [0]) - 1):
-                plan.float_nodes[name] = "Softmax not over the last axis"
-                continue
             int8.add(name)
             for tensor in inputs:
                 mark(tensor)
             outs = outputs_of(node)
-            for out, bounds in outs:
+            for out in outs:
                 mark(out)
-            if node.op in FIXED_RANGES and outs[0][0] is node.outputs[0]:
+            if node.op in FIXED_RANGES and outs[0] is node.outputs[0]:
                 plan.fixed_ranges[node.outputs[0].name] = FIXED_RANGES[node.op]
             if node.op == "Concat":
-                plan.concats[outs[0][0].name] = [t.name for t in inputs]
+                plan.concats[outs[0].name] = [t.name for t in inputs]
         elif node.op in PASSTHROUGH_OPS:
             if not inputs or inputs[0].name not in quantized:
                 continue
@@ -291,7 +288,6 @@ def plan_quantization(
     plan.int8_nodes = [n.name for n in graph.nodes if n.name in int8]
     plan.ops = {n.name: n.op for n in graph.nodes if n.name in int8}
     plan.quantized = list(quantized)
-    # Tied classes: keep the representative a tensor that is itself quantized.
     return plan
 
 
@@ -568,7 +564,6 @@ def emit_qdq(
             bias_index = 2
             if len(node.inputs) > bias_index and node.inputs[bias_index] is not None and node.inputs[bias_index].name:
                 bias = node.inputs[bias_index]
-                x_name = node.inputs[0].inputs[0].inputs[0].name if node.inputs[0].inputs and node.inputs[0].inputs[0].op == "DequantizeLinear" else None
                 x_params = params.get(_source_name(node.inputs[0]))
                 if x_params is not None and isinstance(bias, gs.Constant) and bias.values.ndim == 1:
                     bscale = (np.float32(x_params.scale) * wscale).astype(np.float32)
@@ -580,7 +575,6 @@ def emit_qdq(
                     bd = gs.Variable(names(f"{bias.name}_dequantized"), dtype=np.float32, shape=list(bias.shape))
                     graph.nodes.append(gs.Node("DequantizeLinear", names(f"{bias.name}_DequantizeLinear"), attrs={"axis": 0}, inputs=[bqc, bsc, bzc], outputs=[bd]))
                     node.inputs[bias_index] = bd
-                    del x_name
             weights[node.name] = facts
         elif node.op in ("Add", "Mul"):
             for index, operand in enumerate(node.inputs):

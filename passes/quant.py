@@ -11,8 +11,8 @@ The pipeline inside the pass, in order:
 4. streaming calibration of the quantized tensors (``onnxslim_cv.calib_stats``): memory does
    not grow with the number of samples;
 5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
-6. bias correction: the mean error each int8 layer adds to its outputs, measured on
-   calibration data, is subtracted from its bias (empirical form of Nagel et al. 2019, sec. 4.2);
+6. bias correction: the mean shift int8 weights add to each layer's output, (W_q - W) E[x]
+   with E[x] from the calibration pass, is subtracted from its bias (Nagel et al. 2019, sec. 4.2);
 7. accuracy-aware fallback (``--max-drop``): the layers that add the most quantization noise
    are each put back to float alone and ranked by the loss left; the fewest, in that order,
    stay float until the metric holds;
@@ -146,21 +146,20 @@ class QuantPass(Pass):
         method = config["calib_method"]
         timings: Dict[str, float] = {}
         mark = time.perf_counter()
-        stats = _calibrate(float_model, plan, data, method, config, context, report)
+        stats = _calibrate(float_model, plan, data, method, context)
         ranges = _ranges(plan, stats, method, config, act_type)
         timings["calibration"] = time.perf_counter() - mark
 
-        keep: List[str] = []
         placement_note = None
         mark = time.perf_counter()
         if config["placement"] == "auto":
-            keep, placement_note = _choose_float_stem(float_model, plan, ranges, act_type, config, data, base_float)
-            if keep:
-                keep = {**base_float, **dict.fromkeys(keep, "float stem: faster in fp32 on this CPU (--quant-placement)")}
+            stem, placement_note = _choose_float_stem(float_model, plan, ranges, act_type, config, data, base_float)
+            if stem:
+                keep = {**base_float, **dict.fromkeys(stem, "float stem: faster in fp32 on this CPU (--quant-placement)")}
                 plan = plan_quantization(float_model, act_type=act_type, exclude=config["exclude"], keep_float=keep)
                 missing = [t for t in plan.quantized if t not in ranges and plan.root(t) not in ranges]
                 if missing:
-                    stats = _calibrate(float_model, plan, data, method, config, context, report)
+                    stats = _calibrate(float_model, plan, data, method, context)
                     ranges = _ranges(plan, stats, method, config, act_type)
         if placement_note:
             report.notes.append(placement_note)
@@ -176,10 +175,9 @@ class QuantPass(Pass):
         timings["bias_correction_and_emit"] = time.perf_counter() - mark
         mark = time.perf_counter()
 
-        fallback = []
         if config["max_drop"] is not None:
             evaluation = context.validation if context.validation is not None else data
-            quantized, plan, params, weights, fallback = _fallback(
+            quantized, plan, params, weights = _fallback(
                 float_model, quantized, plan, params, weights, ranges, corrections, config,
                 evaluation.limited(FALLBACK_SAMPLES), context, report,
             )
@@ -188,7 +186,7 @@ class QuantPass(Pass):
         mark = time.perf_counter()
         fusion = fusion_report(quantized.to_proto(), plan)
         snr = _tensor_snr(float_model, quantized, plan, data.limited(SNR_SAMPLES))
-        _fill_report(report, plan, params, weights, fusion, snr, fallback, corrections)
+        _fill_report(report, plan, params, weights, fusion, snr, corrections)
         timings["report"] = time.perf_counter() - mark
         report.details["seconds"] = round(time.perf_counter() - started, 3)
         report.details["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -234,7 +232,7 @@ def _equalize(model: Model, report: PassReport) -> None:
     report.notes.append(f"cross-layer equalization: {len(result.pairs)} layer pairs")
 
 
-def _calibrate(model, plan: QuantPlan, data, method, config, context, report):
+def _calibrate(model, plan: QuantPlan, data, method, context):
     from onnxslim_cv import calib_stats
 
     derived = _derived_tensors(plan)
@@ -412,16 +410,6 @@ def _bias_correction(float_model, plan, stats, config, data, context) -> Dict[st
     return corrections
 
 
-def _quantized_names(quantized: Model, names: List[str]) -> Dict[str, str]:
-    """Where a float model's tensor lives in the emitted model (graph outputs were renamed)."""
-    tensors = quantized.graph.tensors()
-    result = {}
-    for name in names:
-        renamed = f"{name}_float"
-        result[name] = renamed if renamed in tensors and any(t.name == name for t in quantized.graph.outputs) else name
-    return result
-
-
 # --------------------------------------------------------------------------------------------
 # Placement by measurement
 # --------------------------------------------------------------------------------------------
@@ -444,9 +432,8 @@ def _stem_candidates(model: Model, plan: QuantPlan) -> List[List[str]]:
     computes = [n for n in model.graph.nodes if n.name in int8 and n.op in COMPUTE_OPS]
     sizes = sorted({s for n in computes if (s := _spatial(n.outputs[0])) is not None}, reverse=True)
     candidates: List[List[str]] = []
-    first = [computes[0].name] if computes and (computes[0].inputs[0].shape or [0, 0])[1:2] and _small_input(computes[0]) else []
-    if first:
-        candidates.append(first)
+    if computes and _small_input(computes[0]):
+        candidates.append([computes[0].name])
     for level in sizes[:3]:
         at_level = [i for i, n in enumerate(computes) if (_spatial(n.outputs[0]) or 0) >= level]
         if not at_level:
@@ -555,9 +542,8 @@ def _noise_ratios(float_model, quantized, tensors: List[str], data) -> Dict[str,
     Where a tensor is quantized, the int8 model's value is its dequantized one (what the
     rest of the graph reads); elsewhere the tensor of the same name.
     """
-    fallback_names = _quantized_names(quantized, tensors)
-    dequantized = quantized.annotations.get("dequantized", {})
-    names_q = {t: dequantized.get(t, fallback_names[t]) for t in tensors}
+    dequantized = quantized.annotations["dequantized"]
+    names_q = {t: dequantized.get(t, t) for t in tensors}
     ref_session = activations.tap_session(float_model, tensors)
     q_session = activations.tap_session(quantized, [names_q[t] for t in tensors])
     noise = dict.fromkeys(tensors, 0.0)
@@ -590,7 +576,7 @@ def _fallback(float_model, quantized, plan, params, weights, ranges, corrections
     report.details["fallback"] = {"metric": metric, "target": target, "loss_all_int8": loss}
     if loss <= target:
         report.notes.append(f"accuracy target met with every layer int8 ({metric} loss {loss:.4g} <= {target})")
-        return quantized, plan, params, weights, []
+        return quantized, plan, params, weights
     act_type = config["act_type"]
 
     def build_keeping(names):
@@ -635,7 +621,7 @@ def _fallback(float_model, quantized, plan, params, weights, ranges, corrections
             if tried[len(order)][4] > target:
                 report.warn(f"quant: --max-drop {target} not reachable even with every compute layer float "
                             f"({metric} loss {tried[len(order)][4]:.4g}); keeping every layer int8")
-                return quantized, plan, params, weights, []
+                return quantized, plan, params, weights
             high = len(order)
         while high - low > 1:
             mid = (low + high) // 2
@@ -652,7 +638,7 @@ def _fallback(float_model, quantized, plan, params, weights, ranges, corrections
         f"accuracy fallback: {len(kept)} layer(s) kept float ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}); "
         f"{metric} loss {loss:.4g} -> {final:.4g} (target {target})"
     )
-    return model, p, prm, kept_weights, kept
+    return model, p, prm, kept_weights
 
 
 def _tensor_snr(float_model, quantized, plan, data) -> Dict[str, float]:
@@ -661,7 +647,7 @@ def _tensor_snr(float_model, quantized, plan, data) -> Dict[str, float]:
     return {t: float(-10 * np.log10(max(r, 1e-30))) for t, r in ratio.items()}
 
 
-def _fill_report(report, plan, params, weights, fusion, snr, fallback, corrections) -> None:
+def _fill_report(report, plan, params, weights, fusion, snr, corrections) -> None:
     report.count("int8_ops", len(plan.int8_nodes))
     report.count("quantized_tensors", len(plan.quantized))
     report.count("fused_activations", len(plan.fused_activations))
@@ -677,9 +663,7 @@ def _fill_report(report, plan, params, weights, fusion, snr, fallback, correctio
         })
     report.details["tensors"] = layers
     report.details["weights"] = list(weights.values())
-    report.details["float_nodes"] = dict(plan.float_nodes)
-    for name in fallback:
-        report.details["float_nodes"][name] = "accuracy fallback (--max-drop)"
+    report.details["float_nodes"] = dict(plan.float_nodes)  # fallback layers carry their reason
     report.details["fusion"] = fusion.to_dict()
     report.notes.append(
         f"{len(plan.int8_nodes)} ops int8, {len(plan.quantized)} activations quantized, "
