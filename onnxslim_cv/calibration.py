@@ -1106,14 +1106,16 @@ def preprocess_from_args(args: argparse.Namespace) -> ImagePreprocess:
     return ImagePreprocess(**options)
 
 
-def data_from_args(args: argparse.Namespace, specs: Sequence[TensorSpec]) -> Optional[CalibrationData]:
-    """The --calib data (None when not given). Preprocessing flags with array data are an error:
-    silently ignoring a --mean the user believes is applied would corrupt calibration."""
-    calib = getattr(args, "calib", None)
+def data_from_args(args: argparse.Namespace, specs: Sequence[TensorSpec], *, flag: str = "calib") -> Optional[CalibrationData]:
+    """The --calib data, or with ``flag="val"`` the --val data (None when not given), read with
+    the same preprocessing flags. Preprocessing flags with array data are an error: silently
+    ignoring a --mean the user believes is applied would corrupt calibration. --calib-size only
+    limits --calib."""
+    calib = getattr(args, flag, None)
     if not calib:
         return None
     limit = None
-    if getattr(args, "calib_size", None) is not None:
+    if flag == "calib" and getattr(args, "calib_size", None) is not None:
         text = str(args.calib_size).strip()
         try:
             limit = int(text)

@@ -353,12 +353,11 @@ def _data(args, specs, *, purpose: str):
 
 def _validation(args, specs):
     """The --val data, read with the same preprocessing flags as --calib."""
-    from .calibration import from_path, preprocess_from_args
+    from .calibration import data_from_args
 
-    if not getattr(args, "val", None):
-        return None
-    data = from_path(args.val, specs, preprocess=preprocess_from_args(args))
-    _peek(data)
+    data = data_from_args(args, specs, flag="val")
+    if data is not None:
+        _peek(data)
     return data
 
 

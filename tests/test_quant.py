@@ -490,3 +490,29 @@ def test_conv_transpose_stays_float_for_onnxruntime_and_goes_int8_for_tensorrt()
             assert weights[node.inputs[1].name].attrs.get("axis") == 1
     onnx.checker.check_model(out_int8.to_proto(), full_check=True)
     assert min(_cosines(proto, out_int8)) >= 0.98
+
+
+def test_cli_val_data_drives_max_drop(cli, classifier, tmp_path):
+    out, report = tmp_path / "int8.onnx", tmp_path / "report.json"
+    val = tmp_path / "val.npz"
+    np.savez(val, input=np.random.default_rng(7).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    result = cli(classifier, out, "--passes", "quant", "--calib", _npz(tmp_path), "--quant-placement", "all",
+                 "--val", val, "--max-drop", "0.5", "--report-json", report)
+    assert result.code == 0, result.err
+    quant = json.loads(report.read_text())["passes"][0]
+    assert quant["details"]["fallback"]["target"] == 0.5
+
+
+def test_cli_val_arrays_with_image_preprocessing_flags_is_a_one_line_error(cli, classifier, tmp_path):
+    out = tmp_path / "int8.onnx"
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):  # calibration images take --mean; the arrays given as --val cannot
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    val = tmp_path / "val.npz"
+    np.savez(val, input=np.zeros((2, 3, 16, 16), np.float32))
+    result = cli(classifier, out, "--passes", "quant", "--calib", images, "--val", val, "--mean", "1")
+    assert_one_line_error(result, "val.npz: --mean only apply to images")
+    assert not out.exists()
