@@ -48,15 +48,7 @@ def _float_island_model() -> onnx.ModelProto:
         helper.make_node("Add", ["e", "h"], ["a"], name="add"),
         helper.make_node("Conv", ["a", "w2"], ["output"], name="conv2"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "float_island",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
-        initializer=[w1, w2],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    proto.ir_version = 8
+    proto = _conv_model(nodes, [w1, w2], "float_island")
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
@@ -80,12 +72,17 @@ def _add_div_model() -> onnx.ModelProto:
         helper.make_node("Div", ["a", "four"], ["d"], name="div"),
         helper.make_node("Conv", ["d", "w3"], ["output"], name="conv3"),
     ]
+    return _conv_model(nodes, inits, "add_div")
+
+
+def _conv_model(nodes, initializers, name: str) -> onnx.ModelProto:
+    """input [1,3,8,8] -> nodes -> output [1,4,8,8], opset 13 and an IR onnxruntime loads."""
     graph = helper.make_graph(
         nodes,
-        "add_div",
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
-        initializer=inits,
+        initializer=initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8
