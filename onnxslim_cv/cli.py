@@ -18,7 +18,7 @@ from . import __version__
 from .errors import GateFailed, OnnxSlimCVError, UserError
 
 PROG = "onnxslim-cv"
-SUBCOMMANDS = ("inspect", "verify", "bench", "demo", "compress")
+SUBCOMMANDS = ("inspect", "verify", "bench", "demo", "apply-masks", "analyze", "compress")
 DEFAULT_VERIFY_SAMPLES = 128
 
 log = logging.getLogger("onnxslim_cv")
@@ -144,17 +144,21 @@ def _compress_parser() -> argparse.ArgumentParser:
             f"       {PROG} inspect MODEL [--groups] [--json]\n"
             f"       {PROG} verify REF CAND [--calib DATA | --random-inputs N] [thresholds] [--json]\n"
             f"       {PROG} bench A [B] [--threads N]\n"
-            f"       {PROG} demo OUTDIR"
+            f"       {PROG} demo OUTDIR\n"
+            f"       {PROG} apply-masks MODEL MASKS OUT\n"
+            f"       {PROG} analyze MODEL --calib DATA [--groups] [--target-sparsity S | --target-macs F]"
         ),
         description=(
             "Compress an ONNX computer-vision model with graph-level passes, then verify the result against the\n"
             "original in onnxruntime before writing it.\n\n"
             f"passes (run in the order given to --passes):\n{pass_lines}\n\n"
             "commands (see '{0} COMMAND --help'):\n"
-            "  inspect    params, MACs per layer, op histogram, opset/IR, sparsity, size\n"
-            "  verify     compare a candidate with a reference model: the pre-deployment CI gate\n"
-            "  bench      onnxruntime latency of one model, or of two interleaved with their ratio\n"
-            "  demo       run every pass on the built-in digits classifier and show accuracy before/after"
+            "  inspect      params, MACs per layer, op histogram, opset/IR, sparsity, size\n"
+            "  verify       compare a candidate with a reference model: the pre-deployment CI gate\n"
+            "  bench        onnxruntime latency of one model, or of two interleaved with their ratio\n"
+            "  analyze      per-layer sensitivity to sparsity (or per-group to channel pruning), and budgets from it\n"
+            "  apply-masks  zero a model's weights with masks exported by --export-masks (lottery-ticket rewind)\n"
+            "  demo         run every pass on the built-in digits classifier and show accuracy before/after"
         ).format(PROG),
         epilog=(
             "examples:\n"
@@ -301,6 +305,110 @@ def _demo_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("outdir", metavar="OUTDIR")
+    _add_general(parser)
+    return parser
+
+
+def _apply_masks_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} apply-masks",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Zero MODEL's weights where MASKS (an .npz written by --export-masks) says so, and write OUT.\n"
+            "Use it to carry a sparsity pattern to another model of the same architecture: the initial weights\n"
+            "for a lottery-ticket rewind (Frankle & Carbin, ICLR 2019), or the fine-tuned model so it keeps its\n"
+            "zeros. Every mask must name a weight of MODEL and have its shape; MODEL itself is never modified."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} model.onnx slim.onnx --passes sparsify --export-masks masks.npz --calib val.npz\n"
+            f"  {PROG} apply-masks init.onnx masks.npz ticket.onnx\n"
+            f"  {PROG} apply-masks finetuned.onnx masks.npz finetuned_sparse.onnx --force"
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="the model whose weights to mask (.onnx)")
+    parser.add_argument("masks", metavar="MASKS", help="masks .npz: boolean arrays keyed by weight (initializer) name")
+    parser.add_argument("output", metavar="OUT", help="where to write the masked model")
+    _add_input_shape(parser)
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_general(parser)
+    return parser
+
+
+def _levels_arg(flag: str, *, allow_zero: bool):
+    def parse(text: str) -> List[float]:
+        from .sensitivity import check_levels
+
+        try:
+            values = [float(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects comma-separated numbers such as 0.3,0.5, got '{text}'")
+        try:
+            return check_levels(values, flag, allow_zero=allow_zero)[1:]
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+
+    return parse
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    from .sensitivity import DEFAULT_RATIOS, DEFAULT_SAMPLES, DEFAULT_SPARSITIES, METRICS
+
+    parser = _Parser(
+        prog=f"{PROG} analyze",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Sensitivity analysis: for every layer the sparsify pass would touch, the loss at the model outputs\n"
+            "(cosine, SNR, top-1 agreement; higher is worse, 0 = unchanged) when only that layer is magnitude-pruned\n"
+            "to each sparsity; with --groups, for every prunable channel group the loss when only it loses a ratio\n"
+            "of its channels (removed and bias-compensated as the prune pass does). With a target, per-layer levels\n"
+            "that meet it with equal loss everywhere (AIMET-style greedy equal-degradation search)."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} analyze model.onnx --calib images/ --input-size 224 --target-sparsity 0.5 --recipe-out recipe.json\n"
+            f"  {PROG} model.onnx slim.onnx --passes sparsify --sparsify-recipe recipe.json --calib images/ --input-size 224\n"
+            f"  {PROG} analyze model.onnx --calib val.npz --groups --target-macs 0.6 --recipe-out prune.json --plot sens.png\n"
+            f"  {PROG} model.onnx slim.onnx --passes fold,prune --prune-recipe prune.json --calib val.npz"
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL")
+    _add_input_shape(parser)
+    _add_data(parser, purpose="the sensitivity measurements")
+    group = parser.add_argument_group("analysis")
+    group.add_argument(
+        "--sparsities",
+        type=_levels_arg("--sparsities", allow_zero=True),
+        default=list(DEFAULT_SPARSITIES),
+        metavar="LIST",
+        help=f"weight sparsities measured per layer, each in [0, 1) (default: {','.join(map(str, DEFAULT_SPARSITIES))})",
+    )
+    group.add_argument("--groups", action="store_true", help="analyse channel groups (structured pruning) instead of layers")
+    group.add_argument(
+        "--ratios",
+        type=_levels_arg("--ratios", allow_zero=False),
+        default=list(DEFAULT_RATIOS),
+        metavar="LIST",
+        help=f"with --groups: removed channel ratios measured per group, each in (0, 1) (default: {','.join(map(str, DEFAULT_RATIOS))})",
+    )
+    group.add_argument("--round-to", type=_int_arg("--round-to"), default=1, metavar="N",
+                       help="with --groups: keep channel counts at multiples of N, as --prune-round-to (default: 1)")
+    group.add_argument("--metric", choices=METRICS, default="cosine", help="loss the table shows and the allocation equalises (default: cosine)")
+    group.add_argument("--samples", type=_int_arg("--samples"), default=DEFAULT_SAMPLES, metavar="N",
+                       help=f"calibration samples used (default: {DEFAULT_SAMPLES})")
+    group.add_argument("--include-depthwise", action="store_true", help="also analyse depthwise convs")
+    group.add_argument("--include-first", action="store_true", help="also analyse the first layer(s)")
+    group.add_argument("--include-last", action="store_true", help="also analyse the last layer(s)")
+    budget = parser.add_argument_group("allocation")
+    budget.add_argument("--target-sparsity", type=_float_arg("--target-sparsity", 0.0, 1.0), metavar="S",
+                        help="choose per-layer sparsities whose parameter-weighted mean is S")
+    budget.add_argument("--target-macs", type=_float_arg("--target-macs", 0.0, 1.0), metavar="F",
+                        help="with --groups: choose per-group ratios keeping F of the model's MACs")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write the curves and the allocation as JSON")
+    out.add_argument("--recipe-out", metavar="PATH",
+                     help="write the allocation as a recipe: --sparsify-recipe for layers, --prune-recipe for --groups")
+    out.add_argument("--plot", metavar="PNG", help="plot the curves and the allocation (needs onnxslim-cv[plot])")
     _add_general(parser)
     return parser
 
@@ -471,9 +579,11 @@ def cmd_inspect(args) -> int:
     from .model_io import file_size
     from .report import format_groups, format_inspect, to_json
     from .stats import model_stats
+    from .storage import deflate_size
 
     model = _load(args.model, args)
     stats = model_stats(model, size_bytes=file_size(args.model))
+    deflated = deflate_size(args.model)  # zip/gzip download size: what weight zeros save
     groups = None
     if args.groups:
         from .depgraph import build_dependency_graph
@@ -484,11 +594,12 @@ def cmd_inspect(args) -> int:
     if args.json:
         data = stats.to_dict(layers=not args.no_layers)
         data["path"] = args.model
+        data["deflate_bytes"] = deflated
         if groups is not None:
             data.update(groups)
         print(to_json(data))
     else:
-        text = format_inspect(args.model, stats, layers=not args.no_layers)
+        text = format_inspect(args.model, stats, layers=not args.no_layers, deflate_bytes=deflated)
         if groups is not None:
             text += "\n\n" + _indent_text(format_groups(groups))
         print(text)
@@ -548,11 +659,127 @@ def cmd_demo(args) -> int:
     return run_demo(args.outdir, progress=_progress(args), quiet=args.quiet)
 
 
+def cmd_apply_masks(args) -> int:
+    from .masks import apply_masks, load_masks
+    from .model_io import StagedModel, check_output_path, file_size
+    from .report import human_bytes
+    from .storage import deflate_size
+
+    check_output_path(args.output, input_path=args.model, force=args.force)
+    if Path(args.output).exists() and not args.force:
+        raise UserError(f"output '{args.output}' already exists; pass --force to replace it")
+    model = _load(args.model, args)
+    masks = load_masks(args.masks)
+    sparsity = apply_masks(model, masks)
+    before, deflated_before = file_size(args.model), deflate_size(args.model)  # OUT may replace MODEL (--force)
+    with StagedModel(model, args.output) as staged:
+        staged.commit()
+    values = sum(int(mask.size) for mask in masks.values())
+    zeros = sum(sparsity[name] * masks[name].size for name in masks)
+    after = file_size(args.output)
+    _print(
+        args,
+        f"applied {len(masks)} masks from {args.masks} to {args.model}: {100 * zeros / max(values, 1):.2f}% of the "
+        f"{values:,} masked weight values are zero; wrote {args.output} ({human_bytes(before)} -> {human_bytes(after)} "
+        f"on disk, {human_bytes(deflated_before)} -> {human_bytes(deflate_size(args.output))} deflated: "
+        "zeros shrink downloads, not dense inference time)",
+    )
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from . import sensitivity
+    from .model_io import check_output_path
+    from .report import to_json, write_json
+
+    if args.target_sparsity is not None and args.groups:
+        raise UserError("--target-sparsity is for layers; with --groups give --target-macs F")
+    if args.target_macs is not None and not args.groups:
+        raise UserError("--target-macs is for channel groups: add --groups (for layers give --target-sparsity S)")
+    if args.target_sparsity is not None and not 0.0 <= args.target_sparsity < 1.0:
+        raise UserError(f"--target-sparsity {args.target_sparsity}: must be in [0, 1)")
+    if args.target_macs is not None and not 0.0 < args.target_macs <= 1.0:
+        raise UserError(f"--target-macs {args.target_macs}: the kept fraction of the MACs, in (0, 1]")
+    target = args.target_macs if args.groups else args.target_sparsity
+    if args.recipe_out and target is None:
+        raise UserError("--recipe-out needs a target: --target-sparsity S (layers) or --groups --target-macs F")
+    for path in (args.json, args.recipe_out, args.plot):
+        if path:
+            check_output_path(path, input_path=args.model)
+    if args.plot:
+        sensitivity.require_matplotlib()
+    model = _load(args.model, args)
+    data = _data(args, model.input_specs(), purpose="sensitivity analysis")
+    if data is None:
+        raise UserError("analyze needs inputs: --calib PATH (real samples) or --random-inputs N")
+    started = time.perf_counter()
+    if args.groups:
+        curves = sensitivity.analyze_groups(
+            model, data, ratios=args.ratios, samples=args.samples, progress=_progress(args), round_to=args.round_to
+        )
+        if not curves:
+            raise UserError(f"{args.model}: no prunable channel group (see '{PROG} inspect --groups')")
+    else:
+        curves = sensitivity.analyze_layers(
+            model,
+            data,
+            sparsities=args.sparsities,
+            samples=args.samples,
+            progress=_progress(args),
+            include_depthwise=args.include_depthwise,
+            include_first=args.include_first,
+            include_last=args.include_last,
+        )
+        if not curves:
+            raise UserError(f"{args.model}: no layer to sparsify (try --include-first / --include-last / --include-depthwise)")
+    if any(args.metric not in c.loss for c in curves):
+        raise UserError(f"--metric {args.metric}: not measurable on this model (top1 needs a classifier-shaped output)")
+    allocation = None
+    if target is not None:
+        achieved = None
+        if args.groups:
+            _, dg, scores, limits, _ = sensitivity.group_setup(model, data.limited(1), round_to=args.round_to, moments=False)
+            achieved = sensitivity.GroupBudget(dg, scores, limits).kept_fn(curves)
+        allocation = sensitivity.allocate(
+            curves, target=target, metric=args.metric, cost="macs" if args.groups else "params", achieved=achieved, strict=False
+        )
+        if not allocation.reached:
+            log.warning(f"target {target:g} is unreachable with the measured levels; the allocation uses the largest ones")
+    seconds = time.perf_counter() - started
+    _print(args, f"{args.model}: {len(curves)} {'channel groups' if args.groups else 'layers'} analysed in {seconds:.1f} s")
+    _print(args, sensitivity.format_table(curves, args.metric, allocation))
+    if args.json:
+        write_json(
+            {
+                "model": args.model,
+                "kind": "group" if args.groups else "layer",
+                "metric": args.metric,
+                "data": data.description,
+                "seconds": round(seconds, 3),
+                "curves": [c.to_dict() for c in curves],
+                "allocation": allocation.to_dict() if allocation is not None else None,
+            },
+            args.json,
+        )
+    if args.recipe_out:
+        recipe, missing = sensitivity.recipe(curves, allocation, round_to=args.round_to)
+        if missing:
+            log.warning(f"{len(missing)} groups have no name of their own to match in a recipe and are left out: {', '.join(missing[:5])}")
+        write_json(recipe, args.recipe_out)
+        _print(args, f"wrote {args.recipe_out}")
+    if args.plot:
+        sensitivity.plot(curves, args.plot, metric=args.metric, allocation=allocation)
+        _print(args, f"wrote {args.plot}")
+    return 0
+
+
 _COMMANDS = {
     "inspect": (_inspect_parser, cmd_inspect),
     "verify": (_verify_parser, cmd_verify),
     "bench": (_bench_parser, cmd_bench),
     "demo": (_demo_parser, cmd_demo),
+    "apply-masks": (_apply_masks_parser, cmd_apply_masks),
+    "analyze": (_analyze_parser, cmd_analyze),
 }
 
 

@@ -341,8 +341,13 @@ def emit_ir_version(current: int, opset_imports) -> int:
 
 
 def normalize_proto(proto: onnx.ModelProto) -> None:
-    """In place: initializers out of graph inputs, Constant-node weights into initializers."""
+    """In place: initializers out of graph inputs, Constant-node weights into initializers,
+    sparse initializers made dense (graph-surgeon ignores them)."""
     graph = proto.graph
+    if len(graph.sparse_initializer):
+        from .storage import densify_sparse_initializers
+
+        densify_sparse_initializers(graph)
     initializer_names = {init.name for init in graph.initializer}
     if any(inp.name in initializer_names for inp in graph.input):
         inputs = [inp for inp in graph.input if inp.name not in initializer_names]

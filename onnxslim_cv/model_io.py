@@ -147,6 +147,11 @@ class StagedModel:
         self.destination = check_output_path(path)
         if isinstance(model, Model):
             proto = model.to_proto()
+            storage = model.annotations.get("sparse_storage")
+            if storage:  # only on the written file: sessions and shape inference need dense weights
+                from .storage import to_sparse_initializers
+
+                to_sparse_initializers(proto, storage if isinstance(storage, (list, tuple, set)) else None)
         else:
             proto = onnx.ModelProto()
             proto.CopyFrom(model)  # onnx.save with external data rewrites the proto it is given

@@ -307,10 +307,11 @@ def format_verification(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
-def format_inspect(path: str, stats: ModelStats, *, layers: bool = True) -> str:
+def format_inspect(path: str, stats: ModelStats, *, layers: bool = True, deflate_bytes: Optional[int] = None) -> str:
+    deflated = "" if deflate_bytes is None else f" ({human_bytes(deflate_bytes)} deflated)"
     lines = [
         f"{path}",
-        f"  IR {stats.ir_version}, opset {stats.opset}, {stats.num_nodes} nodes, {human_bytes(stats.size_bytes)}",
+        f"  IR {stats.ir_version}, opset {stats.opset}, {stats.num_nodes} nodes, {human_bytes(stats.size_bytes)}{deflated}",
     ]
     for kind, specs in (("input", stats.inputs), ("output", stats.outputs)):
         for spec in specs:

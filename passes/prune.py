@@ -122,6 +122,14 @@ class PrunePass(Pass):
             choices=RECOVERY,
         ),
         PassOption("samples", 256, "calibration samples used for importance and recovery", positive_int, metavar="N"),
+        PassOption(
+            "allocation",
+            "ranking",
+            "with --prune-target-macs: ranking (one global importance ranking) or sensitivity (measure each group's "
+            "output loss at several ratios on calibration data, then give every group the same loss; slower)",
+            str,
+            choices=("ranking", "sensitivity"),
+        ),
     )
     demo_options = {"ratio": 0.25, "round_to": 1}
 
@@ -134,6 +142,8 @@ class PrunePass(Pass):
             raise UserError("prune: give --prune-ratio R or --prune-target-macs F (or either in --prune-recipe)")
         if self.config["ratio"] is not None and self.config["target_macs"] is not None:
             raise UserError("prune: --prune-ratio and --prune-target-macs are alternatives; give one")
+        if self.config["allocation"] == "sensitivity" and self.config["target_macs"] is None:
+            raise UserError("prune: --prune-allocation sensitivity allocates a MACs budget: give --prune-target-macs F")
 
     def _load_recipe(self, path: str) -> None:
         try:
@@ -184,6 +194,8 @@ class PrunePass(Pass):
             criterion = "reconstruction" if data is not None else "l2"
         if criterion in DATA_CRITERIA and data is None:
             raise UserError(f"prune: --prune-criterion {criterion} needs calibration data (--calib)")
+        if config["allocation"] == "sensitivity" and data is None:
+            raise UserError("prune: --prune-allocation sensitivity needs calibration data (--calib)")
         round_to = config["round_to"]
         if round_to == "auto":
             round_to = native_block_size()
@@ -215,6 +227,8 @@ class PrunePass(Pass):
         scores = unit_scores(model, dg, criterion, moments)
 
         limits = _group_limits(dg, round_to, config["min_channels"])
+        if config["target_macs"] is not None and config["allocation"] == "sensitivity":
+            fixed_ratio.update(_sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion, round_to, config, context, report))
         if config["target_macs"] is not None:
             removed = select_for_macs(dg, scores, limits, config["target_macs"], config["max_ratio"], fixed_ratio)
         else:
@@ -331,13 +345,19 @@ def unit_scores(model: Model, dg: DependencyGraph, criterion: str, moments=None)
     return score
 
 
-def _consumer_moments(model: Model, dg: DependencyGraph, data, context: PassContext):
+def consumer_axes(dg: DependencyGraph) -> Dict[str, int]:
+    """Channel axis of every tensor a prunable consumer reads (where its statistics are taken)."""
     axes = {}
     for member in dg.members:
         if member.role == "in" and member.input_tensor:
             layout = dg.layouts.get(member.input_tensor)
             if layout is not None:
                 axes[member.input_tensor] = layout.axis
+    return axes
+
+
+def _consumer_moments(model: Model, dg: DependencyGraph, data, context: PassContext):
+    axes = consumer_axes(dg)
     total = data.count()
     batches = None if total is None else -(-total // activations.DEFAULT_BATCH)
     with _bar(context, batches, "prune: activation statistics", "batch") as bar:
@@ -481,6 +501,53 @@ def _give_back(dg, removed, orders, limits, normalised, macs_of, goal, fixed) ->
         if best is None:
             return sorted(removed)
         removed = best[1]
+
+
+SENSITIVITY_SAMPLES = 64
+
+
+def _sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion, round_to, config, context, report) -> Dict[int, float]:
+    """``--prune-allocation sensitivity``: per-group ratios with equal measured output loss.
+
+    Each group's loss curve is measured alone (:func:`onnxslim_cv.sensitivity.analyze_groups`,
+    same criterion, rounding and bias compensation), then the greedy equal-degradation search
+    picks the ratios that meet the MACs target, counted exactly with this pass's rounding. The
+    ratios then go through the recipe path (``fixed_ratio``), so selection is unchanged.
+    """
+    from onnxslim_cv import sensitivity
+
+    prunable = {g.id for g in dg.prunable_groups}
+    ids = [gid for gid in sorted(prunable) if gid not in fixed_ratio]
+    if not ids:
+        return {}
+    levels = sensitivity.DEFAULT_RATIOS
+    with _bar(context, len(ids) * len(levels), "prune: sensitivity", "eval") as bar:
+        curves = sensitivity.analyze_groups(
+            model, data, ratios=levels, samples=SENSITIVITY_SAMPLES, criterion=criterion, round_to=round_to,
+            min_channels=config["min_channels"], groups=ids, progress=bar,
+        )
+    for curve in curves:
+        group = dg.groups[curve.group]
+        if curve.members != list(group.sources or group.nodes):
+            raise RuntimeError(f"sensitivity curve {curve.name} does not match channel group {curve.group}")
+    fixed = sensitivity.GroupBudget(dg, scores, limits).removed({g: r for g, r in fixed_ratio.items() if g in prunable})
+    budget = sensitivity.GroupBudget(dg, scores, limits, fixed=fixed)
+    try:
+        allocation = sensitivity.allocate(
+            curves, target=config["target_macs"], metric="cosine", cost="macs", max_level=config["max_ratio"],
+            achieved=budget.kept_fn(curves),
+        )
+    except UserError as exc:
+        raise UserError(f"prune: --prune-allocation sensitivity: {exc}")
+    report.details["sensitivity"] = {
+        "allocation": allocation.to_dict(),
+        "curves": [curve.to_dict() for curve in curves],
+    }
+    report.notes.append(
+        f"ratios of {len(curves)} groups from their sensitivity curves: equal cosine loss "
+        f"{allocation.threshold:.2e} each, {allocation.achieved:.3f} of the MACs kept"
+    )
+    return {curve.group: float(allocation[curve.name]) for curve in curves}
 
 
 def _keep_every_tensor_alive(dg: DependencyGraph, removed: List[int], scores) -> List[int]:

@@ -207,3 +207,28 @@ def test_cli_bad_budget_exits_2_without_output(tmp_path, cli, args):
     result = cli(str(src), str(out), "--passes", "prune", *args)
     assert_one_line_error(result)
     assert not out.exists()
+
+
+def test_sensitivity_allocation_meets_the_target_with_the_allocated_ratios():
+    proto = test_models.build("resnet_bottleneck_block")
+    calib = _calibration(proto, 16)
+    out, report = _prune(proto, calib, target_macs=0.6, allocation="sensitivity", round_to=1, recovery="bias")
+    assert report.after.macs / report.before.macs <= 0.6 + 1e-9
+    details = report.details["sensitivity"]
+    levels = details["allocation"]["levels"]
+    assert details["allocation"]["reached"] and len(details["curves"]) == len(levels) >= 2
+    assert len(set(round(v, 6) for v in levels.values())) > 1  # not one ratio everywhere
+    rows = {tuple(r["sources"]): r for r in report.details["groups"]}
+    for curve in details["curves"]:  # each group lost exactly its allocated share (the recipe path)
+        row = rows[tuple(curve["members"])]
+        expected = min(int(levels[curve["name"]] * row["units"] + 1e-9), row["units"] - 1)
+        assert row["units"] - row["kept_units"] == expected, (curve["name"], levels[curve["name"]], row)
+
+
+def test_sensitivity_allocation_needs_a_macs_target_and_calibration_data():
+    with pytest.raises(UserError, match="--prune-target-macs"):
+        make_passes(["prune"], {"prune": {"ratio": 0.5, "allocation": "sensitivity"}})
+    with pytest.raises(UserError, match="needs calibration data"):
+        _prune(test_models.build("conv_chain"), None, target_macs=0.6, allocation="sensitivity")
+    with pytest.raises(UserError, match="choose one of ranking, sensitivity"):
+        make_passes(["prune"], {"prune": {"target_macs": 0.6, "allocation": "aimet"}})

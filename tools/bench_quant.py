@@ -41,10 +41,8 @@ rejecting an output) is caught per cell and shown in the table; the rest still r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import logging
 import re
 import resource
 import shlex
@@ -53,7 +51,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -106,28 +103,6 @@ MAX_RSS_GROWTH = 1.3
 # --------------------------------------------------------------------------------------------
 
 
-def quiet() -> None:
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    warnings.filterwarnings("ignore")
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs through the root logger
-    for name in ("onnxruntime", "onnxruntime.quantization", "onnxslim_cv"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Anything a quantizer prints goes to stderr, so stdout carries only tables / the JSON line."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # The variants
 # --------------------------------------------------------------------------------------------
@@ -163,7 +138,7 @@ def ort_quantize(fp32: Path, output: Path, calibration, activation: str, method:
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     activations = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    with stdout_to_stderr():
+    with benchlib.stdout_to_stderr():
         quantize_static(
             str(fp32), str(output), as_ort_reader(calibration),
             quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
@@ -189,7 +164,7 @@ def ours_quantize(fp32: Path, output: Path, calibration, options: Dict[str, Any]
     from onnxslim_cv.model_io import load_model, save_model
     from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 
-    with stdout_to_stderr():
+    with benchlib.stdout_to_stderr():
         model = load_model(fp32)
         passes = make_passes(["quant"], {"quant": dict(options)})
         result, reports = run_passes(model, passes, context=PassContext(calibration=calibration, progress=False))
@@ -239,7 +214,7 @@ def run_variant(name: str, entry, fp32: Path, folder: Path, calibration, *, clas
             _, _, activation, method = next(v for v in ORT_VARIANTS if v[0] == name)
             ort_quantize(fp32, output, calibration, activation, method)
     except Exception as exc:  # quantize_static crashes on some models; our pass may not exist yet
-        cell.update(status="error", error=_error_text(exc), traceback=traceback.format_exc(),
+        cell.update(status="error", error=benchlib.error_text(exc), traceback=traceback.format_exc(),
                     seconds=time.perf_counter() - started)
         benchlib.progress(f"  {name}: FAILED {cell['error']}")
         return cell
@@ -249,7 +224,7 @@ def run_variant(name: str, entry, fp32: Path, folder: Path, calibration, *, clas
         measure_output(cell, entry, fp32, output, classifier=classifier, eval_n=eval_n, threads=threads,
                        latency_seconds=latency_seconds)
     except Exception as exc:
-        cell.update(status="error", error=f"measuring: {_error_text(exc)}", traceback=traceback.format_exc())
+        cell.update(status="error", error=f"measuring: {benchlib.error_text(exc)}", traceback=traceback.format_exc())
         benchlib.progress(f"  {name}: measuring failed: {cell['error']}")
         return cell
     lat = " / ".join(f"{cell['latency'][str(t)]['ratio']:.2f}x@{t}T" for t in threads)
@@ -292,7 +267,7 @@ def versus(row: Dict[str, Any], entry, *, threads: Sequence[int], latency_second
                                input_shapes=entry.input_shapes, labels=[best, "ours"])
             result["head_to_head"][str(t)] = report.ratio
     except Exception as exc:
-        result["error"] = f"head-to-head: {_error_text(exc)}"
+        result["error"] = f"head-to-head: {benchlib.error_text(exc)}"
     if fastest is not None:
         result["vs_fastest"] = _latency1(ours, threads) / _latency1(row["variants"][fastest], threads)
     return result
@@ -340,7 +315,7 @@ def memory_calibration(key: str, samples: int):
 
 def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Run one quantization as ``spec`` says and measure it; what ``--worker`` prints as JSON."""
-    quiet()
+    benchlib.quiet("", "onnxruntime.quantization")
     import onnxruntime.quantization  # noqa: F401  (imported before measuring, for both tools alike)
 
     import onnxslim_cv.passes  # noqa: F401
@@ -822,7 +797,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    quiet()
+    benchlib.quiet("", "onnxruntime.quantization")
     if args.worker:
         result = worker(json.loads(args.worker))
         print(json.dumps(result), flush=True)
@@ -839,8 +814,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 rows.append(bench_model(entry, folder, args))
             except Exception as exc:  # preparing / evaluating fp32 failed: say so, go on
-                benchlib.progress(f"{entry.key}: failed: {_error_text(exc)}\n{traceback.format_exc()}")
-                rows.append({"key": entry.key, "error": _error_text(exc), "traceback": traceback.format_exc()})
+                benchlib.progress(f"{entry.key}: failed: {benchlib.error_text(exc)}\n{traceback.format_exc()}")
+                rows.append({"key": entry.key, "error": benchlib.error_text(exc), "traceback": traceback.format_exc()})
     wall = time.perf_counter() - started
     import onnxruntime
 

@@ -225,3 +225,29 @@ class CachedEntry:
         if (limit, offset) not in self._inputs:
             self._inputs[(limit, offset)] = list(self._entry.inputs(limit, offset=offset))
         return iter(self._inputs[(limit, offset)])
+
+
+def quiet(*loggers: str) -> None:
+    """Silence onnxruntime's and our warnings (and ``loggers``): stderr carries progress only."""
+    import logging
+    import warnings
+
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    warnings.filterwarnings("ignore")
+    for name in ("onnxruntime", "onnxslim_cv", *loggers):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Anything a pass or a competitor prints goes to stderr, so stdout carries only the tables."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, for table cells."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

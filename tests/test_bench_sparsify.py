@@ -1,0 +1,95 @@
+"""tools/bench_sparsify.py: one small run on MNIST (skipped when the shared models folder is
+absent) and the exit status without the shared folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxslim_cv.testing import zoo
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+SCRIPT = TOOLS / "bench_sparsify.py"
+
+
+@pytest.fixture(scope="module")
+def bench_sparsify():
+    spec = importlib.util.spec_from_file_location("bench_sparsify", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_sparsify", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(zoo.shared_models_dir() is None, reason="shared models folder absent")
+def test_mnist_small_run(bench_sparsify, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--models", "mnist", "--sparsities", "0.5", "--eval-limit", "200", "--calib", "16", "--json", str(out)]
+    assert bench_sparsify.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Command: `python tools/bench_sparsify.py --models mnist --sparsities 0.5")
+    assert "### mnist" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    labels = [(cells[0], cells[1]) for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)]
+    assert ("fp32", "") in labels
+    for config in ("50% uniform", "2:4"):
+        for recovery in ("none (magnitude)", "obs (reconstruction)"):
+            assert (config, recovery) in labels, labels
+    assert "error:" not in text
+    assert "yes (1/1 layers)" in text  # 2:4 holds on mnist's one eligible layer, both recoveries
+    assert "### Targets" in text and "2:4 holds exactly on every eligible layer" in text
+
+    results = json.loads(out.read_text())
+    (row,) = results["models"]
+    assert row["eval_samples"] == 200 and row["calibration_samples"] == 16
+    cells = {cell["name"]: cell for cell in row["cells"]}
+    assert set(cells) == {"uniform0.5.none", "uniform0.5.obs", "hessian0.5.obs", "nm2of4.none", "nm2of4.obs"}
+    for cell in cells.values():
+        assert cell["status"] == "ok", cell.get("traceback")
+        assert cell["sparse_storage"]["ok"]
+        assert abs(cell["zeros_sparsified_layers"] - 0.5) < 0.01
+        assert 0 < cell["zeros_all_weights"] < 0.5  # first and last layers stay dense
+        assert cell["pass_seconds"] >= 0 and cell["size"] > 0 and cell["deflate"] < row["fp32"]["deflate"]
+    for name in ("nm2of4.none", "nm2of4.obs"):
+        nm = cells[name]["nm_check"]
+        assert nm["ok"] and nm["hold"] == nm["layers"] == nm["eligible"] == 1
+
+
+def test_nm_check_catches_a_broken_pattern(bench_sparsify):
+    """The independent N:M check reads the file's own layout, so a violation is reported."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = np.ones((4, 8, 1, 1), np.float32)
+    weight[:, 0::2] = 0  # 2 of every 4 input channels zero: holds 2:4
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 2, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 2, 2])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph)
+    layers = bench_sparsify.file_layers(proto, ["w"])
+    from onnxslim_cv.sparsity import holds_nm
+
+    assert holds_nm(layers["w"], weight, 2, 4)
+    weight[0, 0] = 1.0
+    assert not holds_nm(layers["w"], weight, 2, 4)
+    assert bench_sparsify.weight_zeros({"w": weight, "b": np.zeros(4, np.float32)}) == (15, 32)
+
+
+def test_exits_2_without_shared_folder(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env[zoo.ENV_VAR] = str(tmp_path / "missing")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--models", "mnist"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "shared models folder is absent" in result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,126 @@
+"""Hessian-based reconstruction of sparse layers (:mod:`onnxslim_cv.obs`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxslim_cv.obs import LayerFit, exact_refit, solve, sparsegpt_sweep
+from onnxslim_cv.sparsity import SparseLayer, as_matrix, holds_nm
+
+
+def _correlated_inputs(rows=3000, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((dim, dim)) * 0.5 + np.eye(dim)
+    return rng.standard_normal((rows, dim)) @ mixing + 0.3
+
+
+def _matmul_fit(x, weight, **options):
+    """A MatMul layer ``y = x @ weight`` with its statistics filled from ``x`` directly."""
+    layer = SparseLayer("m", "MatMul", "w", weight.shape)
+    fit = LayerFit(layer, **options)
+    design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    target = x @ weight
+    fit.gram = (design.T @ design)[None]
+    fit.cross = (design.T @ target)[None]
+    fit.energy = np.array([np.square(target).sum()])
+    fit.rows = x.shape[0]
+    return fit
+
+
+def _actual_error(x, weight, new_weight, new_bias):
+    target = x @ weight
+    return float(np.square(x @ new_weight + new_bias - target).sum() / np.square(target).sum())
+
+
+def test_refit_beats_magnitude_and_reports_the_true_output_error():
+    x = _correlated_inputs()
+    weight = np.random.default_rng(1).standard_normal((32, 16))
+    fit = _matmul_fit(x, weight, sparsity=0.5)
+    new_weight, new_bias = solve(fit, weight, None)
+    assert (new_weight == 0).mean() == pytest.approx(0.5, abs=0.02)
+    assert fit.error < 0.7 * fit.error_magnitude
+    assert fit.error == pytest.approx(_actual_error(x, weight, new_weight, new_bias), rel=1e-3, abs=1e-3)
+    magnitude_weight, _ = solve(fit, weight, None, refit=False)
+    assert fit.error_magnitude == pytest.approx(_actual_error(x, weight, magnitude_weight, 0.0), rel=1e-3)
+
+
+def test_exact_refit_is_the_row_wise_least_squares_optimum():
+    rng = np.random.default_rng(2)
+    x = _correlated_inputs(rows=500, dim=12)
+    h = x.T @ x
+    w_star = rng.standard_normal((3, 12))
+    keep = rng.random((3, 12)) > 0.5
+    result = exact_refit(w_star, h, keep)
+    for row in range(3):
+        columns = np.flatnonzero(keep[row])
+        expected = np.linalg.lstsq(x[:, columns], x @ w_star[row], rcond=None)[0]
+        np.testing.assert_allclose(result[row, columns], expected, rtol=1e-6, atol=1e-8)
+        assert (result[row, ~keep[row]] == 0).all()
+
+
+def test_sweep_honours_nm_fixed_and_forced_masks():
+    rng = np.random.default_rng(3)
+    x = _correlated_inputs(dim=16)
+    h = x.T @ x + np.eye(16)
+    w = rng.standard_normal((8, 16))
+    pruned, keep = sparsegpt_sweep(w, h, nm=(2, 4))
+    assert (keep.reshape(8, 4, 4).sum(-1) == 2).all()
+    assert (pruned[~keep] == 0).all()
+    fixed = rng.random((8, 16)) > 0.3
+    pruned, keep = sparsegpt_sweep(w, h, mask=fixed)
+    np.testing.assert_array_equal(keep, fixed)
+    forced = np.zeros((8, 16), bool)
+    forced[:, 3] = True
+    _, keep = sparsegpt_sweep(w, h, sparsity=0.25, forced_zero=forced)
+    assert not keep[:, 3].any()
+    assert (~keep).mean() == pytest.approx(0.25, abs=0.01)
+
+
+def test_nm_refit_keeps_the_pattern_on_a_conv():
+    layer = SparseLayer("c", "Conv", "w", (6, 8, 1, 1))
+    rng = np.random.default_rng(4)
+    x = _correlated_inputs(dim=8)
+    weight = rng.standard_normal(layer.shape)
+    fit = LayerFit(layer, nm=(2, 4))
+    design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    target = x @ as_matrix(layer, weight).T
+    fit.gram, fit.cross, fit.energy = (design.T @ design)[None], (design.T @ target)[None], np.array([np.square(target).sum()])
+    fit.rows = x.shape[0]
+    new_weight, bias = solve(fit, weight, np.zeros(6))
+    assert holds_nm(layer, new_weight, 2, 4)
+    assert bias.shape == (6,)
+    assert fit.error < fit.error_magnitude
+
+
+def test_few_rows_pull_the_refit_towards_the_original_weights():
+    x = _correlated_inputs(rows=20)  # fewer rows than inputs: a plain fit would memorise them
+    weight = np.random.default_rng(6).standard_normal((32, 16))
+    fit = _matmul_fit(x, weight, sparsity=0.5)
+    new_weight, new_bias = solve(fit, weight, None)
+    magnitude_weight, _ = solve(fit, weight, None, refit=False)
+    held_out = _correlated_inputs(rows=2000, seed=9)
+    error_refit = _actual_error(held_out, weight, new_weight, new_bias)
+    assert error_refit < 1.2 * _actual_error(held_out, weight, magnitude_weight, 0.0)
+
+
+def test_frozen_zeros_stay_zero():
+    x = _correlated_inputs()
+    weight = np.random.default_rng(5).standard_normal((32, 16))
+    frozen = np.ones_like(weight, dtype=bool)
+    frozen[:4] = False  # the first four input channels were pruned in an earlier step
+    fit = _matmul_fit(x, weight, sparsity=0.5, keep_zeros=frozen)
+    new_weight, _ = solve(fit, weight, None)
+    assert (new_weight[:4] == 0).all()
+    assert (new_weight == 0).mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_refit_weights_keep_the_precision_the_model_stored():
+    from onnxslim_cv.obs import round_to_precision, stored_precision_bits
+
+    weights = np.random.default_rng(7).standard_normal(512).astype(np.float32)
+    rounded = round_to_precision(weights, 8)
+    assert stored_precision_bits(weights) == 0
+    assert stored_precision_bits(rounded) >= 8
+    np.testing.assert_allclose(rounded, weights, rtol=2.0 ** -15)
+    assert stored_precision_bits(round_to_precision(rounded * np.float32(1.37), stored_precision_bits(rounded))) >= 8
