@@ -245,13 +245,17 @@ def unnamed_nodes(model) -> int:
     return count
 
 
+SEED = 0
+"""``PassContext.seed`` of every run (``--seed``): which conv positions the Hessians sample."""
+
+
 def run_sparsify(model, options: Dict[str, Any], calibration):
     from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 
     with benchlib.stdout_to_stderr():
         passes = make_passes(["sparsify"], {"sparsify": dict(options)})
-        result, reports = run_passes(model, passes, context=PassContext(calibration=calibration, progress=False),
-                                     measure=False)
+        context = PassContext(calibration=calibration, progress=False, seed=SEED)
+        result, reports = run_passes(model, passes, context=context, measure=False)
     return result, reports[-1]
 
 
@@ -581,6 +585,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"per-layer allocation of the unstructured runs: {', '.join(MODES)} (default %(default)s)")
     parser.add_argument("--nm", default=DEFAULT_NM, metavar="N:M", help="N:M pattern run (default %(default)s)")
     parser.add_argument("--no-nm", action="store_true", help="skip the N:M run")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the passes (the sampled conv positions): repeat with others to see the spread")
     parser.add_argument("--recovery", default=",".join(DEFAULT_RECOVERY), metavar="LIST",
                         help="recoveries per configuration: none (magnitude), obs (reconstruction) "
                              "(default %(default)s)")
@@ -617,7 +623,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global SEED
     args = parse_args(argv)
+    SEED = args.seed
     entries = benchlib.select_models(args.models)  # exits 2 when the shared folder is absent
     benchlib.quiet()
     import onnxslim_cv.passes  # noqa: F401  (registers the passes)
@@ -647,7 +655,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "wall_seconds": wall,
         "settings": {
             "sparsities": args.sparsities, "modes": args.modes, "nm": args.nm, "recovery": args.recovery,
-            "eval_limit": args.eval_limit, "calib": args.calib, "onnxruntime": onnxruntime.__version__,
+            "eval_limit": args.eval_limit, "calib": args.calib, "seed": args.seed,
+            "onnxruntime": onnxruntime.__version__,
         },
         "models": rows,
     }
