@@ -71,6 +71,13 @@ class LayerFit:
     _pending_rows: int = 0
 
 
+def refittable(layer: SparseLayer) -> Optional[str]:
+    """None if the layer can be refit here, else why not (it is then magnitude-pruned)."""
+    if layer.op in ("Conv", "ConvTranspose") and len(layer.shape) != 4:
+        return f"{len(layer.shape) - 2}-D {layer.op}: magnitude only (the refit handles 2-D convs)"
+    return None
+
+
 def has_bias_column(layer: SparseLayer) -> bool:
     # a ConvTranspose row is one output tap, not one output channel: its bias is not per row
     return layer.op != "ConvTranspose"

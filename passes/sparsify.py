@@ -213,11 +213,14 @@ class SparsifyPass(Pass):
             for layer in layers
         ]
         if recovery == "obs":
-            original = model.copy()
-            with _bar(context, len(fits), "sparsify: reconstruct", "layer") as bar:
-                obs.reconstruct_layers(original, model, fits, data, seed=context.seed, progress=bar)
             for fit in fits:
-                if fit.skipped:  # no rows: magnitude only
+                fit.skipped = obs.refittable(fit.layer)
+            refit = [fit for fit in fits if not fit.skipped]
+            original = model.copy()
+            with _bar(context, len(refit), "sparsify: reconstruct", "layer") as bar:
+                obs.reconstruct_layers(original, model, refit, data, seed=context.seed, progress=bar)
+            for fit in fits:
+                if fit.skipped:  # not refittable, or no rows: magnitude only
                     self._magnitude(model, fit)
         else:
             for fit in fits:
@@ -274,12 +277,14 @@ class SparsifyPass(Pass):
         levels = [level for level in levels if 0 < level <= cap]
         weights_at = None
         if mode == "hessian":
-            fits = {layer.weight: obs.LayerFit(layer) for layer in layers}
+            fits = {layer.weight: obs.LayerFit(layer) for layer in layers if not obs.refittable(layer)}
             with _bar(context, len(layers), "sparsify: layer statistics", "layer") as bar:
                 obs.collect_statistics(model, list(fits.values()), context.calibration.limited(config["samples"]),
                                        seed=context.seed, progress=bar)
 
             def weights_at(layer, weight, levels):
+                if layer.weight not in fits:  # magnitude only, like the pass will do
+                    return sensitivity.masked_weights(weight, levels)
                 return obs.refit_weights(fits[layer.weight], weight, levels)
 
         data = context.calibration.limited(SENSITIVITY_SAMPLES)

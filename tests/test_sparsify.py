@@ -209,3 +209,25 @@ def test_masks_that_do_not_match_the_model_exit_2(tmp_path, cli, model_file):
     result = cli(source, tmp_path / "out.onnx", "--passes", "sparsify", "--sparsity", "0.5",
                  "--sparsify-masks", masks, "--random-inputs", "4")
     assert_one_line_error(result, "nothing_like_this")
+
+
+def test_one_dimensional_convs_fall_back_to_magnitude_with_a_reason():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (8, 4, 3)), ("w2", (8, 8, 3)), ("w3", (4, 8, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="c2", pads=[1, 1]),
+             helper.make_node("Conv", ["b", "w3"], ["y"], name="c3", pads=[1, 1])]
+    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    calib = from_iterable([{"x": rng.standard_normal((1, 4, 16)).astype(np.float32)} for _ in range(8)],
+                          Model.from_proto(proto).input_specs())
+    for mode in ("uniform", "auto"):
+        out, report = _sparsify(proto, calib, sparsity=0.5, mode=mode)
+        (row,) = report.details["layers"]
+        assert row["node"] == "c2" and row["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert "magnitude only" in row["note"]
