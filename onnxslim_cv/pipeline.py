@@ -40,6 +40,22 @@ def regex(value) -> str:
     return str(value)
 
 
+def read_json_object(path: str, flag: str) -> dict:
+    """A recipe file's JSON object; a one-line UserError naming ``flag`` otherwise."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot read ({exc.strerror or exc})")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag} {path}: not valid JSON ({exc.msg} at line {exc.lineno})")
+    if not isinstance(data, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object")
+    return data
+
+
 @dataclass(frozen=True)
 class PassOption:
     """One option of a pass: a keyword argument in the library, a flag on the command line.

@@ -28,10 +28,8 @@ Criteria:
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,7 +39,7 @@ from onnxslim_cv import activations
 from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency_graph, prune_channels
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, regex, register_pass
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstruct, reconstructable
 
@@ -146,14 +144,7 @@ class PrunePass(Pass):
             raise UserError("prune: --prune-allocation sensitivity allocates a MACs budget: give --prune-target-macs F")
 
     def _load_recipe(self, path: str) -> None:
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise UserError(f"--prune-recipe {path}: cannot read ({exc.strerror or exc})")
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--prune-recipe {path}: not valid JSON ({exc.msg} at line {exc.lineno})")
-        if not isinstance(data, dict):
-            raise UserError(f"--prune-recipe {path}: expected a JSON object")
+        data = read_json_object(path, "--prune-recipe")
         known = {o.name: o for o in self.options}
         for key, value in data.items():
             if key == "groups":

@@ -26,9 +26,7 @@ Library hooks for iterative pruning and lottery-ticket rewinds: :func:`sparsify_
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -37,7 +35,7 @@ from onnxslim_cv import obs
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.graph_utils import name_nodes, replace_constant_values
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, regex, register_pass
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.sparsity import (
     SparseLayer,
@@ -127,13 +125,7 @@ class SparsifyPass(Pass):
             raise UserError("sparsify: --sparsify-normalize applies to --sparsity-mode global only")
 
     def _load_recipe(self, path: str) -> None:
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise UserError(f"--sparsify-recipe {path}: cannot read ({exc.strerror or exc})")
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--sparsify-recipe {path}: not valid JSON ({exc.msg} at line {exc.lineno})")
-        layers = data.get("layers") if isinstance(data, dict) else None
+        layers = read_json_object(path, "--sparsify-recipe").get("layers")
         if not isinstance(layers, dict) or not layers:
             raise UserError(f"--sparsify-recipe {path}: expected {{\"layers\": {{NODE: sparsity, ...}}}}")
         for name, value in layers.items():

@@ -231,3 +231,16 @@ def test_one_dimensional_convs_fall_back_to_magnitude_with_a_reason():
         (row,) = report.details["layers"]
         assert row["node"] == "c2" and row["sparsity"] == pytest.approx(0.5, abs=0.01)
         assert "magnitude only" in row["note"]
+
+
+@pytest.mark.parametrize("text, fragment", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                                            ('{"layers": {}}', "expected {\"layers\""),
+                                            ('{"layers": {"nowhere": 0.5}}', "'nowhere'")])
+def test_bad_recipes_exit_2_with_one_line(tmp_path, cli, model_file, text, fragment):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(text)
+    out = tmp_path / "out.onnx"
+    result = cli(model_file("resnet_basic_block"), out, "--passes", "sparsify", "--sparsify-recipe", recipe,
+                 "--random-inputs", "4")
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
