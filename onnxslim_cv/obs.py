@@ -209,11 +209,10 @@ def sparsegpt_sweep(
                 block_keep[order] = False
                 keep[:, columns] = block_keep.reshape(saliency.shape)
         if mask is None and nm is not None:
-            for column in range(start - start % nm[1] + (nm[1] if start % nm[1] else 0), stop, nm[1]):
+            for column in range(-(-start // nm[1]) * nm[1], stop, nm[1]):  # groups starting in this block
                 if column + nm[1] > dim or not prunable[column:column + nm[1]].all():
                     continue
-                # scores from the current weights: columns before ``column`` are already final
-                span = w1[:, column - start:column - start + nm[1]] if column + nm[1] <= stop else w[:, column:column + nm[1]]
+                span = w[:, column:column + nm[1]]  # the weights as earlier blocks' updates left them
                 scores = np.square(span) / np.square(diag[column:column + nm[1]])[None, :]
                 scores[forced[:, column:column + nm[1]]] = -1.0
                 keep[:, column:column + nm[1]] = nm_mask_matrix(span, nm[0], nm[1], scores=scores)
@@ -361,7 +360,6 @@ def reconstruct_layers(
     positions_per_sample: int = 256,
     seed: int = 0,
     damp: float = DAMP,
-    refit: bool = True,
     sequential: bool = True,
     finish: bool = True,
     progress=None,
@@ -398,7 +396,7 @@ def reconstruct_layers(
                            seed * 100003 + index, positions_per_sample)
         for name in stage:
             if finish:
-                _finish(by_name[name], sparse, damp, refit, orig_nodes[name])
+                _finish(by_name[name], sparse, damp, orig_nodes[name])
             else:
                 flush(by_name[name], orig_nodes[name])
             if progress is not None:
@@ -421,7 +419,7 @@ def refit_weights(fit: LayerFit, weight: np.ndarray, levels: Sequence[float], *,
     return result
 
 
-def _finish(fit: LayerFit, sparse: Model, damp: float, refit: bool, original_node: gs.Node) -> None:
+def _finish(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -> None:
     flush(fit, original_node)
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
     if fit.gram is None:
@@ -431,7 +429,7 @@ def _finish(fit: LayerFit, sparse: Model, damp: float, refit: bool, original_nod
     bias = None
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
         bias = np.asarray(node.inputs[2].values)
-    new_weight, new_bias = solve(fit, weight, bias, damp=damp, refit=refit)
+    new_weight, new_bias = solve(fit, weight, bias, damp=damp)
     write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 

@@ -1072,18 +1072,7 @@ def allocate(
                 f"(measure larger levels or lower the target)"
             )
         return result(most, top, False)
-    lo, hi = 0.0, top
-    if not meets(achieved(at(0.0))):
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            if mid <= lo or mid >= hi:
-                break
-            if meets(achieved(at(mid))):
-                hi = mid
-            else:
-                lo = mid
-    else:
-        hi = 0.0
+    hi = _smallest_meeting(lambda t: meets(achieved(at(t))), top, steps=200)
     # On flat stretches (top-1 loss is 0 up to some level) the threshold alone overshoots: every
     # level between the first reaching it and the last staying at it has the same loss, so move
     # all curves together across that range just far enough to meet the target.
@@ -1093,17 +1082,23 @@ def allocate(
     def blend(share: float) -> Dict[str, float]:
         return {name: lower[name] + share * (upper[name] - lower[name]) for name in upper}
 
-    a, b = 0.0, 1.0
-    if not meets(achieved(blend(0.0))):
-        for _ in range(60):
-            mid = (a + b) / 2
-            if meets(achieved(blend(mid))):
-                b = mid
-            else:
-                a = mid
-    else:
-        b = 0.0
-    return result(blend(b), hi, True)
+    return result(blend(_smallest_meeting(lambda share: meets(achieved(blend(share))), 1.0, steps=60)), hi, True)
+
+
+def _smallest_meeting(ok: Callable[[float], bool], high: float, *, steps: int) -> float:
+    """Smallest x in [0, high] with ``ok(x)`` for a monotone ``ok`` that holds at ``high`` (bisection)."""
+    if ok(0.0):
+        return 0.0
+    lo, hi = 0.0, high
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if mid <= lo or mid >= hi:
+            break
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 # ---------------------------------------------------------------------------------------------

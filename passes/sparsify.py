@@ -137,6 +137,7 @@ class SparsifyPass(Pass):
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, context: PassContext) -> PassReport:
         from onnxslim_cv import storage
+        from onnxslim_cv.report import human_bytes
         from onnxslim_cv.passes.fold import FoldPass
 
         report = PassReport(self.name, options=dict(self.config))
@@ -151,7 +152,6 @@ class SparsifyPass(Pass):
         if mode == "auto":
             # the measured allocation only pays with the refit it was measured with
             mode = "hessian" if recovery == "obs" and config["sparsity"] else "uniform"
-        self.mode = mode
         if mode in ("sensitivity", "hessian") and data is None:
             raise UserError(f"sparsify: --sparsity-mode {mode} needs calibration data (--calib)")
 
@@ -194,7 +194,7 @@ class SparsifyPass(Pass):
             return report
 
         start_masks = self._start_masks(model)
-        targets = self._targets(model, layers, context, report)
+        targets = self._targets(model, layers, mode, context, report)
         fits = [
             obs.LayerFit(
                 layer,
@@ -229,7 +229,7 @@ class SparsifyPass(Pass):
         self._fill_report(report, model, fits, skipped, recovery, nm, masks)
         report.details["deflate_bytes_after"] = storage.deflate_size(model)
         report.notes.append(
-            f"compressed (deflate) size {_kib(report.details['deflate_bytes_before'])} -> {_kib(report.details['deflate_bytes_after'])}"
+            f"compressed (deflate) size {human_bytes(report.details['deflate_bytes_before'])} -> {human_bytes(report.details['deflate_bytes_after'])}"
         )
         report.notes.append("dense runtimes (onnxruntime CPU included) do not run unstructured zeros faster: the gain is file size, or sparse kernels elsewhere")
         return report
@@ -246,14 +246,14 @@ class SparsifyPass(Pass):
         check_masks(model, masks)
         return masks
 
-    def _targets(self, model: Model, layers: List[SparseLayer], context: PassContext, report: PassReport) -> Dict[str, float]:
+    def _targets(self, model: Model, layers: List[SparseLayer], mode: str, context: PassContext,
+                 report: PassReport) -> Dict[str, float]:
         config = self.config
         if self.layer_sparsity:
             return {layer.node: self.layer_sparsity[layer.node] for layer in layers}
         if config["nm"] is not None:
             return {}
         sparsity = config["sparsity"]
-        mode = self.mode
         if mode == "uniform" or sparsity == 0:
             return {layer.node: sparsity for layer in layers}
         cap = config["max_layer_sparsity"]
@@ -340,10 +340,6 @@ class SparsifyPass(Pass):
             before = float(np.mean([f.error_magnitude for f in refit]))
             after = float(np.mean([f.error for f in refit]))
             report.notes.append(f"mean relative layer output error: {before:.4f} with magnitude masks -> {after:.4f} after reconstruction")
-
-
-def _kib(size: int) -> str:
-    return f"{size / 1024:.1f} KiB" if size < (1 << 20) * 10 else f"{size / (1 << 20):.1f} MiB"
 
 
 def sparsify_iteratively(
