@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import GateFailed, OnnxSlimCVError, UserError
@@ -179,6 +179,7 @@ def _compress_parser() -> argparse.ArgumentParser:
         help=f"comma-separated passes to run in order (default: fold; available: {', '.join(passes)})",
     )
     _add_input_shape(parser)
+    shared = _shared_aliases(passes)
     for name, cls in passes.items():
         if not cls.options:
             continue
@@ -193,7 +194,14 @@ def _compress_parser() -> argparse.ArgumentParser:
                 kwargs["metavar"] = option.metavar or option.name.upper()
                 if option.choices:
                     kwargs["choices"] = list(option.choices)
-            group.add_argument(option.cli_flag(name), *option.aliases, **kwargs)
+            aliases = [alias for alias in option.aliases if alias not in shared]
+            group.add_argument(option.cli_flag(name), *aliases, **kwargs)
+    if shared:
+        group = parser.add_argument_group("shared flags", "given to whichever pass in --passes has the option")
+        for alias, owners in sorted(shared.items()):
+            flags = " / ".join(option.cli_flag(owner) for owner, option in owners)
+            group.add_argument(alias, dest=_shared_dest(alias), default=None, metavar=owners[0][1].metavar,
+                               help=f"short for {flags}, whichever of these passes is in --passes")
     _add_data(parser, purpose="calibrating passes and for verification")
     parser.add_argument(
         "--val",
@@ -218,6 +226,20 @@ def _compress_parser() -> argparse.ArgumentParser:
 
 def _option_dest(pass_name: str, option_name: str) -> str:
     return f"pass__{pass_name}__{option_name}"
+
+
+def _shared_dest(alias: str) -> str:
+    return "shared__" + alias.lstrip("-").replace("-", "_")
+
+
+def _shared_aliases(passes) -> Dict[str, List[Tuple[str, Any]]]:
+    """Short flags (``--target-macs``) that several passes declare: alias -> [(pass, option)]."""
+    owners: Dict[str, List[Tuple[str, Any]]] = {}
+    for name, cls in passes.items():
+        for option in cls.options:
+            for alias in option.aliases:
+                owners.setdefault(alias, []).append((name, option))
+    return {alias: found for alias, found in owners.items() if len(found) > 1}
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -498,6 +520,20 @@ def _pass_options(args, selected: List[str]) -> Dict[str, Dict[str, Any]]:
             if name not in selected:
                 raise UserError(f"{option.cli_flag(name)} belongs to pass '{name}', which is not in --passes")
             options.setdefault(name, {})[option.name] = value
+    for alias, owners in _shared_aliases(available_passes()).items():
+        value = getattr(args, _shared_dest(alias), None)
+        if value is None:
+            continue
+        chosen = [(name, option) for name, option in owners if name in selected]
+        flags = ", ".join(option.cli_flag(name) for name, option in owners)
+        if not chosen:
+            raise UserError(f"{alias} belongs to passes {', '.join(n for n, _ in owners)}, none of which is in --passes")
+        if len(chosen) > 1:
+            raise UserError(f"{alias} is ambiguous with --passes {args.passes}: use one of {flags}")
+        name, option = chosen[0]
+        if option.name in options.get(name, {}):
+            raise UserError(f"{alias} and {option.cli_flag(name)} are the same option; give one")
+        options.setdefault(name, {})[option.name] = value
     return options
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -361,14 +361,18 @@ def reconstruct_layers(
     seed: int = 0,
     damp: float = DAMP,
     sequential: bool = True,
-    finish: bool = True,
+    finish: Union[bool, Callable[[LayerFit, Model, gs.Node], None]] = True,
     progress=None,
 ) -> List[LayerFit]:
     """Sparsify every layer of ``sparse`` in place, in dependency order, from calibration data.
 
     ``sequential``: each stage's inputs come from the model sparsified so far (one pass over
     the data per stage); otherwise every layer's statistics come from one pass of the original
-    model (faster, no error correction across layers).
+    model (faster, no error correction across layers). ``finish``: True solves and writes each
+    layer (:func:`solve`), False only gathers statistics, a callable ``finish(fit, sparse,
+    original_node)`` does its own rewrite once the layer's statistics are complete (the
+    lowrank pass replaces the node; later stages find their layers by node name and tap the
+    same tensors, so a rewrite must keep the layer's input and output tensor names).
     """
     orig_nodes = {n.name: n for n in original.graph.nodes}
     by_name = {f.layer.node: f for f in fits}
@@ -395,7 +399,10 @@ def reconstruct_layers(
                 accumulate(by_name[name], orig_nodes[name], reference[inputs_of[name]], current[inputs_of[name]],
                            seed * 100003 + index, positions_per_sample)
         for name in stage:
-            if finish:
+            if callable(finish):
+                flush(by_name[name], orig_nodes[name])
+                finish(by_name[name], sparse, orig_nodes[name])
+            elif finish:
                 _finish(by_name[name], sparse, damp, orig_nodes[name])
             else:
                 flush(by_name[name], orig_nodes[name])

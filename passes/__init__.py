@@ -7,4 +7,5 @@ the order ``onnxslim-cv --help`` and ``demo`` list them in.
 from . import fold  # noqa: F401
 from . import prune  # noqa: F401
 from . import sparsify  # noqa: F401
+from . import lowrank  # noqa: F401
 from . import quant  # noqa: F401
