@@ -291,9 +291,8 @@ class LayerFactorizer:
             projection = np.kron(p, np.eye(self.shape.area))  # [r1*k, D], (q, y, x) order
             gram = projection @ projection.T if self.metric is None else projection @ self.metric @ projection.T
             core = _solve_psd(gram, (self._wm @ projection.T).T).T  # [Cout, r1*k], optimal given P
+            # without data P has orthonormal rows, gram is I and this is the plain SVD
             u, s, b = self._whitened_svd(core, None if self.metric is None else gram)
-            if self.metric is None:  # P has orthonormal rows: the plain SVD is already optimal
-                pass
             self._cache[key] = (p, projection, core, u, s, b)
         return self._cache[key]
 

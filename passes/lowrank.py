@@ -577,8 +577,7 @@ def write_factors(model: Model, node: gs.Node, item: LowRankLayer, leading: Sequ
     if bias is None:
         bias_tensor = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
     else:
-        bias_tensor = gs.Constant(f"{item.layer.weight}/bias", np.asarray(bias, dtype=dtype))  # renamed below if taken
-        bias_tensor = new_constant(graph, bias_tensor.name, bias_tensor.values)
+        bias_tensor = new_constant(graph, f"{item.layer.weight}/bias", np.asarray(bias, dtype=dtype))
     source, output = node.inputs[0], node.outputs[0]
     specs = _layer_specs(item, leading, last)
     current = source

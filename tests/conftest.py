@@ -105,3 +105,29 @@ def with_scalar_clip_bounds(proto):
         if init.name in bounds:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), init.name))
     return proto
+
+
+def sample_data(proto, count: int, seed: int):
+    """``count`` single-sample batches of the builders' deterministic inputs, as calibration data."""
+    from onnxslim_cv.calibration import from_iterable
+    from onnxslim_cv.ir import Model
+    from onnxslim_cv.testing import models as test_models
+
+    specs = Model.from_proto(proto).input_specs()
+    return from_iterable([test_models.sample_inputs(proto, batch=1, seed=seed + i) for i in range(count)], specs)
+
+
+def outputs_on(model, feeds) -> List[np.ndarray]:
+    """Every output of ``model`` (a Model or ModelProto) on ``feeds``, concatenated over them."""
+    from onnxslim_cv import runtime
+    from onnxslim_cv.ir import Model
+
+    proto = model.to_proto() if isinstance(model, Model) else model
+    session = runtime.make_session(proto)
+    return [np.concatenate(x) for x in zip(*[runtime.run(session, feed) for feed in feeds])]
+
+
+def relative_output_error(reference, candidate, feeds) -> float:
+    """Squared output error of ``candidate`` relative to the energy of ``reference``'s outputs."""
+    a, b = outputs_on(reference, feeds), outputs_on(candidate, feeds)
+    return float(sum(np.square(x - y).sum() for x, y in zip(a, b)) / sum(np.square(x).sum() for x in a))

@@ -135,7 +135,7 @@ def test_results_table_agreement_model(bench_lowrank):
     cell["quality_text"] = "F1 0.9000"
     table = bench_lowrank.results_table([row])
     assert "task metric" in table.splitlines()[0] and "27.00/img" in table
-    assert bench_lowrank.drop(row, cell)[1] == "10.00 pt"
+    assert bench_lowrank.benchlib.drop(row, cell)[1] == "10.00 pt"
 
 
 def test_targets_met(bench_lowrank):

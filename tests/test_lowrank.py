@@ -19,7 +19,7 @@ from onnxslim_cv.pipeline import PassContext
 from onnxslim_cv.stats import model_stats
 from onnxslim_cv.testing import models as test_models
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, outputs_on, relative_output_error, sample_data
 
 # Models big enough that factoring beats the extra node (the pass's latency model refuses to
 # factor the default 8-channel builders), small enough to stay fast.
@@ -29,24 +29,8 @@ FLATTEN_GEMM = {"channels": 16, "hidden": 512}
 RESHAPE_MATMUL = {"channels": 16, "num_classes": 512}
 
 
-def _data(proto, count, seed):
-    specs = Model.from_proto(proto).input_specs()
-    return from_iterable([test_models.sample_inputs(proto, batch=1, seed=seed + i) for i in range(count)], specs)
-
-
 def _lowrank(proto, calib=None, **options):
     return LowRankPass(**options)(Model.from_proto(proto), PassContext(calibration=calib, progress=False))
-
-
-def _outputs(model, feeds):
-    proto = model.to_proto() if isinstance(model, Model) else model
-    session = runtime.make_session(proto)
-    return [np.concatenate(x) for x in zip(*[runtime.run(session, feed) for feed in feeds])]
-
-
-def _output_error(reference, candidate, feeds):
-    a, b = _outputs(reference, feeds), _outputs(candidate, feeds)
-    return float(sum(np.square(x - y).sum() for x, y in zip(a, b)) / sum(np.square(x).sum() for x in a))
 
 
 def _cosine(a, b):
@@ -324,7 +308,7 @@ def test_rank_ratio_without_data_factors_and_emits_a_valid_model(name, kwargs, o
     extra = sum(2 if row["form"] == "tucker2" and row["ranks"][1] < row["full_ranks"][1] else 1 for row in rows)
     assert _weight_ops(emitted) == _weight_ops(proto) + extra  # each layer became its factor layers
     feeds = [test_models.sample_inputs(proto, seed=100 + i) for i in range(2)]
-    assert [o.shape for o in _outputs(emitted, feeds)] == [o.shape for o in _outputs(proto, feeds)]
+    assert [o.shape for o in outputs_on(emitted, feeds)] == [o.shape for o in outputs_on(proto, feeds)]
 
 
 def _without_value_info(proto):
@@ -354,8 +338,8 @@ def test_matmul_over_tokens_end_to_end_and_data_beats_weight():
         assert row["op"] == "MatMul" and row["form"] == "svd"
         assert [n.op_type for n in emitted.graph.node] in (["MatMul", "MatMul"], ["MatMul", "MatMul", "Add"])
     assert data_report.details["method"] == "data"
-    error_weight = _output_error(proto, weight_out, held_out)
-    error_data = _output_error(proto, data_out, held_out)
+    error_weight = relative_output_error(proto, weight_out, held_out)
+    error_data = relative_output_error(proto, data_out, held_out)
     assert error_data < 0.5 * error_weight, (error_data, error_weight)
 
 
@@ -393,7 +377,7 @@ def _with_low_rank_weights(proto, names, rank):
 @pytest.mark.parametrize("with_data", [False, True])
 def test_high_energy_keeps_the_outputs(with_data):
     proto = _with_low_rank_weights(test_models.build("conv_chain", **CONV_CHAIN), {"conv2.weight", "conv3.weight"}, 4)
-    calib = _data(proto, 8, seed=0) if with_data else None
+    calib = sample_data(proto, 8, seed=0) if with_data else None
     out, report = _lowrank(proto, calib, energy=0.999, include_last=True)  # conv3 is the last layer
     _check_emitted(out.to_proto(), proto)
     rows = _check_report(report)
@@ -401,9 +385,9 @@ def test_high_energy_keeps_the_outputs(with_data):
     assert all(row["error_estimate"] <= 1e-3 for row in rows)
     assert report.after.macs < 0.6 * report.before.macs  # rank 4 of 32: most of their MACs go
     feeds = [test_models.sample_inputs(proto, seed=200 + i) for i in range(3)]
-    (reference,), (got,) = _outputs(proto, feeds), _outputs(out, feeds)
+    (reference,), (got,) = outputs_on(proto, feeds), outputs_on(out, feeds)
     assert _cosine(reference, got) > 0.999
-    assert _output_error(proto, out, feeds) < 2e-3  # about the 1 - energy each layer may lose
+    assert relative_output_error(proto, out, feeds) < 2e-3  # about the 1 - energy each layer may lose
 
 
 def test_energy_bounds_the_error_of_every_factored_layer():
@@ -422,7 +406,7 @@ def test_energy_bounds_the_error_of_every_factored_layer():
 @pytest.mark.parametrize("with_data, allocation", [(False, "auto"), (True, "error"), (True, "sensitivity")])
 def test_target_macs_is_reached(with_data, allocation):
     proto = test_models.build("conv_chain", **CONV_CHAIN)
-    calib = _data(proto, 8, seed=0) if with_data else None
+    calib = sample_data(proto, 8, seed=0) if with_data else None
     # with the last layer (conv3) left alone conv2 alone cannot remove 30% of the MACs
     out, report = _lowrank(proto, calib, target_macs=0.7, allocation=allocation, samples=8, include_last=True)
     _check_emitted(out.to_proto(), proto)
@@ -446,15 +430,15 @@ def test_data_method_beats_the_weight_method_on_held_out_inputs():
     proto = test_models.build("conv_chain", **CONV_CHAIN)
     held_out = [test_models.sample_inputs(proto, seed=1000 + i) for i in range(6)]
     weight_out, weight_report = _lowrank(proto, None, rank_ratio=0.5)
-    data_out, data_report = _lowrank(proto, _data(proto, 16, seed=10), rank_ratio=0.5)
+    data_out, data_report = _lowrank(proto, sample_data(proto, 16, seed=10), rank_ratio=0.5)
     assert data_report.details["method"] == "data"
     _check_emitted(data_out.to_proto(), proto)
     data_rows = _check_report(data_report, rank_ratio=0.5)
     _check_report(weight_report, rank_ratio=0.5)
     for row in data_rows:  # the refit of the last factor only lowers the error on the calibration data
         assert row["error"] <= row["error_factored"] + 1e-6
-    error_weight = _output_error(proto, weight_out, held_out)
-    error_data = _output_error(proto, data_out, held_out)
+    error_weight = relative_output_error(proto, weight_out, held_out)
+    error_data = relative_output_error(proto, data_out, held_out)
     assert error_data < 0.5 * error_weight, (error_data, error_weight)
 
 
@@ -462,10 +446,10 @@ def test_data_method_on_a_residual_block():
     proto = test_models.build("resnet_basic_block", **RESNET)
     held_out = [test_models.sample_inputs(proto, seed=2000 + i) for i in range(4)]
     weight_out, _ = _lowrank(proto, None, rank_ratio=0.5)
-    data_out, report = _lowrank(proto, _data(proto, 8, seed=20), rank_ratio=0.5, samples=8)
+    data_out, report = _lowrank(proto, sample_data(proto, 8, seed=20), rank_ratio=0.5, samples=8)
     _check_emitted(data_out.to_proto(), proto)
     _check_report(report, rank_ratio=0.5)
-    assert _output_error(proto, data_out, held_out) < _output_error(proto, weight_out, held_out)
+    assert relative_output_error(proto, data_out, held_out) < relative_output_error(proto, weight_out, held_out)
 
 
 def test_forms_and_exclude_options():
@@ -571,7 +555,7 @@ def test_last_layer_is_left_alone_unless_include_last(build, node, op):
     assert rows[node]["op"] == op and node not in report.details["skipped"]
     assert any(n.name == node + "/factor1" for n in emitted.graph.node)
     feeds = [test_models.sample_inputs(proto, seed=300 + i) for i in range(2)]
-    assert [o.shape for o in _outputs(emitted, feeds)] == [o.shape for o in _outputs(proto, feeds)]
+    assert [o.shape for o in outputs_on(emitted, feeds)] == [o.shape for o in outputs_on(proto, feeds)]
 
 
 def test_cli_lowrank_include_last(tmp_path, cli):
@@ -683,7 +667,7 @@ def test_data_method_and_sensitivity_allocation_need_calibration_data():
 def test_weight_method_ignores_calibration_data():
     proto = test_models.build("conv_chain", **CONV_CHAIN)
     plain, plain_report = _lowrank(proto, None, rank_ratio=0.5)
-    forced, forced_report = _lowrank(proto, _data(proto, 4, seed=0), rank_ratio=0.5, method="weight")
+    forced, forced_report = _lowrank(proto, sample_data(proto, 4, seed=0), rank_ratio=0.5, method="weight")
     assert forced_report.details["method"] == "weight"
     assert forced_report.details["layers"] == plain_report.details["layers"]
 

@@ -18,27 +18,11 @@ from onnxslim_cv.pipeline import PassContext
 from onnxslim_cv.sparsity import holds_nm, sparsifiable_layers
 from onnxslim_cv.testing import models as test_models
 
-from .conftest import assert_one_line_error
-
-
-def _data(proto, count, seed):
-    specs = Model.from_proto(proto).input_specs()
-    return from_iterable([test_models.sample_inputs(proto, batch=1, seed=seed + i) for i in range(count)], specs)
+from .conftest import assert_one_line_error, outputs_on, relative_output_error, sample_data
 
 
 def _sparsify(proto, calib=None, **options):
     return SparsifyPass(**options)(Model.from_proto(proto), PassContext(calibration=calib, progress=False))
-
-
-def _outputs(model, feeds):
-    proto = model.to_proto() if isinstance(model, Model) else model
-    session = runtime.make_session(proto)
-    return [np.concatenate(x) for x in zip(*[runtime.run(session, feed) for feed in feeds])]
-
-
-def _output_error(reference, candidate, feeds):
-    a, b = _outputs(reference, feeds), _outputs(candidate, feeds)
-    return float(sum(np.square(x - y).sum() for x, y in zip(a, b)) / sum(np.square(x).sum() for x in a))
 
 
 def _weights(model, report):
@@ -50,7 +34,7 @@ def _weights(model, report):
                                   "matmul_classifier", "conv_transpose", "group_conv", "se_gemm"])
 def test_reconstruction_beats_magnitude_on_held_out_inputs(name):
     proto = test_models.build(name)
-    calib = _data(proto, 48, seed=10)
+    calib = sample_data(proto, 48, seed=10)
     held_out = [test_models.sample_inputs(proto, seed=1000 + i) for i in range(16)]
     magnitude, _ = _sparsify(proto, None, sparsity=0.5, include_first=True, include_last=True)
     refit, report = _sparsify(proto, calib, sparsity=0.5, mode="uniform", include_first=True, include_last=True)
@@ -59,8 +43,8 @@ def test_reconstruction_beats_magnitude_on_held_out_inputs(name):
     assert emitted.ir_version <= runtime.max_ir_version()
     for weight in _weights(refit, report).values():
         assert (weight == 0).mean() == pytest.approx(0.5, abs=0.02)
-    error_magnitude = _output_error(proto, magnitude, held_out)
-    error_refit = _output_error(proto, refit, held_out)
+    error_magnitude = relative_output_error(proto, magnitude, held_out)
+    error_refit = relative_output_error(proto, refit, held_out)
     assert error_refit < 0.8 * error_magnitude, (error_refit, error_magnitude)
 
 
@@ -68,13 +52,13 @@ def test_sparsity_zero_without_data_keeps_outputs():
     proto = test_models.build("resnet_basic_block")
     out, report = _sparsify(proto, None, sparsity=0.0)
     feeds = [test_models.sample_inputs(proto, seed=3)]
-    np.testing.assert_allclose(_outputs(out, feeds)[0], _outputs(proto, feeds)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs_on(out, feeds)[0], outputs_on(proto, feeds)[0], rtol=1e-5, atol=1e-5)
     assert report.changes["weights zeroed"] == 0
 
 
 def test_nm_pattern_holds_exactly_on_every_eligible_layer():
     proto = test_models.build("resnet_basic_block")
-    calib = _data(proto, 32, seed=1)
+    calib = sample_data(proto, 32, seed=1)
     for data in (None, calib):
         out, report = _sparsify(proto, data, nm="2:4", include_first=True, include_last=True)
         layers, _ = sparsifiable_layers(out, include_first=True, include_last=True)
@@ -89,7 +73,7 @@ def test_nm_pattern_holds_exactly_on_every_eligible_layer():
 
 def test_default_with_data_allocates_per_layer_and_reaches_the_overall_target():
     proto = test_models.build("mobilenetv2_block")
-    out, report = _sparsify(proto, _data(proto, 32, seed=2), sparsity=0.5, include_first=True, include_last=True)
+    out, report = _sparsify(proto, sample_data(proto, 32, seed=2), sparsity=0.5, include_first=True, include_last=True)
     assert any("--sparsity-mode hessian" in note for note in report.notes)
     assert report.details["sparsity_of_sparsified_layers"] == pytest.approx(0.5, abs=0.01)
     per_layer = [row["sparsity"] for row in report.details["layers"]]
@@ -108,7 +92,7 @@ def test_global_mode_reaches_the_overall_target():
 def test_exported_masks_apply_to_another_model_of_the_same_architecture(tmp_path, cli, model_file):
     proto = test_models.build("resnet_basic_block")
     masks_path = tmp_path / "masks.npz"
-    out, report = _sparsify(proto, _data(proto, 16, 0), sparsity=0.7, export_masks=str(masks_path))
+    out, report = _sparsify(proto, sample_data(proto, 16, 0), sparsity=0.7, export_masks=str(masks_path))
     masks = load_masks(masks_path)
     assert set(masks) == {row["weight"] for row in report.details["layers"]}
     for name, weight in _weights(out, report).items():
@@ -125,7 +109,7 @@ def test_exported_masks_apply_to_another_model_of_the_same_architecture(tmp_path
 
 def test_start_masks_keep_their_zeros_and_iterative_steps_only_add_zeros():
     proto = test_models.build("resnet_basic_block")
-    calib = _data(proto, 16, 0)
+    calib = sample_data(proto, 16, 0)
     seen = []
 
     def fine_tune(step, model, masks):
@@ -167,7 +151,7 @@ def test_sparse_storage_shrinks_the_file_and_loads(tmp_path):
     assert sparse_path.stat().st_size < 0.8 * dense_path.stat().st_size
     assert len(onnx.load(str(sparse_path)).graph.sparse_initializer) > 0
     feeds = [test_models.sample_inputs(proto, seed=5)]
-    np.testing.assert_array_equal(_outputs(onnx.load(str(sparse_path)), feeds)[0], _outputs(dense_out, feeds)[0])
+    np.testing.assert_array_equal(outputs_on(onnx.load(str(sparse_path)), feeds)[0], outputs_on(dense_out, feeds)[0])
     assert report.details["deflate_bytes_after"] < report.details["deflate_bytes_before"]
 
 

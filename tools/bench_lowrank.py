@@ -103,7 +103,6 @@ def code_version() -> Dict[str, Any]:
     return {"git_head": head, "files": files}
 
 
-
 def configs(targets: Sequence[float], methods: Sequence[str]) -> List[Dict[str, Any]]:
     """Every (target, method) run, in table order: per target, the methods in the given order."""
     return [{"name": f"t{target:g}.{method}", "target": target, "method": method}
@@ -114,18 +113,6 @@ def pass_options(run: Dict[str, Any], samples: int) -> Dict[str, Any]:
     return {"target_macs": run["target"], "method": run["method"], "samples": samples}
 
 
-def prepare_fp32(entry: zoo.SharedModel, path: Path):
-    """The shared model at its fixed input shape through ``fold``, saved to ``path``; the Model."""
-    from onnxslim_cv.model_io import load_model, save_model
-    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
-
-    model = load_model(entry.model_path(), input_shapes=entry.input_shapes if entry.dynamic else None)
-    with benchlib.stdout_to_stderr():
-        folded, _ = run_passes(model, make_passes(["fold"]), context=PassContext(progress=False), measure=False)
-    save_model(folded, path)
-    return folded
-
-
 def file_stats(path: Path) -> Dict[str, Any]:
     """MACs and params of a written file, reloaded (never the pass's own figures)."""
     from onnxslim_cv.model_io import load_model
@@ -133,14 +120,6 @@ def file_stats(path: Path) -> Dict[str, Any]:
 
     stats = model_stats(load_model(path), refresh_shapes=True)
     return {"macs": stats.macs, "macs_known": stats.macs_known, "params": stats.params, "nodes": stats.num_nodes}
-
-
-def quality_of(classifier: bool, quality: Dict[str, Any]) -> Tuple[Optional[float], str, str]:
-    """(value, text, metric name): top-1 for classifiers, the agreement with fp32 otherwise."""
-    primary = quality["primary"] if classifier else quality.get("agreement_primary")
-    if not primary:
-        return None, "n/a", "?"
-    return primary["value"], primary["text"], primary["name"]
 
 
 def forms_of(layers: Sequence[Dict[str, Any]]) -> Dict[str, int]:
@@ -216,7 +195,7 @@ def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: 
         stage = "evaluating"
         quality = evaluate(path, data, reference=None if classifier else fp32_path, limit=eval_n)
         cell["quality"] = {k: quality[k] for k in ("samples", "metrics", "primary", "agreement", "agreement_primary")}
-        cell["quality_value"], cell["quality_text"], cell["metric"] = quality_of(classifier, quality)
+        cell["quality_value"], cell["quality_text"], cell["metric"] = benchlib.quality_of(classifier, quality)
     except _Reported:
         benchlib.progress(f"  {run['name']}: {cell['status']}: {cell['error']}")
     except Exception as exc:  # a crash of the pass (or a file onnxruntime rejects) is a result
@@ -247,7 +226,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     calibration = benchlib.in_memory(entry.calibration(calib_n)) if needs_data else None
     data = benchlib.CachedEntry(entry)  # every variant is evaluated on the same decoded samples
     fp32_path = folder / f"{entry.key}.fp32.onnx"
-    prepare_fp32(entry, fp32_path)
+    benchlib.prepare_fp32(entry, fp32_path)
     model_stats_fp32 = file_stats(fp32_path)
     model = load_model(fp32_path)  # the runs start from the file, as written
     classifier = entry.is_labelled  # top-1 (as bench_quant / bench_sparsify: the labelled models are the classifiers)
@@ -265,7 +244,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
         },
         "cells": [],
     }
-    row["fp32"]["quality_value"], row["fp32"]["quality_text"], row["metric"] = quality_of(classifier, fp32_quality)
+    row["fp32"]["quality_value"], row["fp32"]["quality_text"], row["metric"] = benchlib.quality_of(classifier, fp32_quality)
     benchlib.progress(f"{entry.key}: fp32 {fp32_quality['summary']}; {human(model_stats_fp32['macs'])} MACs, "
                       f"{_ms(row['fp32']['latency_ms'])} (self ratio {_ratio(noise.ratio)}); eval {row['eval_samples']}, "
                       f"calib {row['calibration_samples']} samples")
@@ -290,24 +269,6 @@ def _md(text: Any) -> str:
 
 def _ratio(value: Optional[float], digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}x"
-
-
-def drop(row: Dict[str, Any], cell: Dict[str, Any]) -> Tuple[Optional[float], str]:
-    """(drop, text) against fp32: top-1 points for classifiers, (1 - agreement) points for the
-    F1/IoU agreements, and the task PSNR in dB for super-resolution (as bench_sparsify)."""
-    if cell.get("status") != "ok":
-        return None, ""
-    if cell.get("quality_value") is None:
-        return None, "n/a"
-    if row["classifier"]:
-        value = row["fp32"]["quality_value"] - cell["quality_value"]
-        return value, f"{100 * value:.2f} pt" if abs(value) >= 0.00005 else "0.00 pt"
-    primary = cell["quality"]["primary"]
-    if primary["name"] == "PSNR":
-        value = row["fp32"]["quality"]["primary"]["value"] - primary["value"]
-        return value, f"{value + 0.0:.2f} dB" if abs(value) >= 0.005 else "0.00 dB"
-    value = 1.0 - cell["quality_value"]
-    return value, f"{100 * value:.2f} pt"
 
 
 def kept_top1(row: Dict[str, Any], cell: Dict[str, Any]) -> Optional[float]:
@@ -372,7 +333,7 @@ def result_lines(row: Dict[str, Any]) -> List[List[str]]:
         line += [
             _macs_text(cell), _ratio(cell.get("params_ratio"), 3), _ratio(cell.get("latency_ratio")),
             "n/a" if per is None else f"{per:.2f}",
-            _quality_cell(row, cell["quality_text"]), drop(row, cell)[1],
+            _quality_cell(row, cell["quality_text"]), benchlib.drop(row, cell)[1],
             "" if row["classifier"] else cell["quality"]["primary"]["text"],
             forms_text(cell["forms"]), str(cell["layers_factored"]), benchlib.seconds(cell["pass_seconds"]),
         ]

@@ -172,14 +172,6 @@ def ours_quantize(fp32: Path, output: Path, calibration, options: Dict[str, Any]
     return reports[-1]
 
 
-def quality_of(classifier: bool, quality: Dict[str, Any]) -> Tuple[Optional[float], str, str]:
-    """(value, text, metric name): top-1 for classifiers, the agreement with fp32 otherwise."""
-    primary = quality["primary"] if classifier else quality.get("agreement_primary")
-    if not primary:
-        return None, "n/a", "?"
-    return primary["value"], primary["text"], primary["name"]
-
-
 def measure_output(cell: Dict[str, Any], entry, fp32: Path, output: Path, *, classifier: bool, eval_n: int,
                    threads: Sequence[int], latency_seconds: float) -> None:
     from evaluate import evaluate
@@ -195,7 +187,7 @@ def measure_output(cell: Dict[str, Any], entry, fp32: Path, output: Path, *, cla
         cell["latency"][str(t)] = {"ratio": report.ratio, "ms": [x.median_ms for x in report.timings]}
     quality = evaluate(output, entry, reference=fp32, limit=eval_n)
     cell["quality"] = {k: quality[k] for k in ("samples", "metrics", "primary", "agreement", "agreement_primary")}
-    cell["quality_value"], cell["quality_text"], cell["metric"] = quality_of(classifier, quality)
+    cell["quality_value"], cell["quality_text"], cell["metric"] = benchlib.quality_of(classifier, quality)
 
 
 def run_variant(name: str, entry, fp32: Path, folder: Path, calibration, *, classifier: bool, eval_n: int,

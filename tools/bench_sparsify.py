@@ -215,26 +215,6 @@ def check_files(cell: Dict[str, Any], dense: Path, sparse: Path, report_layers: 
 # --------------------------------------------------------------------------------------------
 
 
-def quality_of(classifier: bool, quality: Dict[str, Any]) -> Tuple[Optional[float], str, str]:
-    """(value, text, metric name): top-1 for classifiers, the agreement with fp32 otherwise."""
-    primary = quality["primary"] if classifier else quality.get("agreement_primary")
-    if not primary:
-        return None, "n/a", "?"
-    return primary["value"], primary["text"], primary["name"]
-
-
-def prepare_fp32(entry: zoo.SharedModel, path: Path):
-    """The shared model at its fixed input shape through ``fold``, saved to ``path``; the Model."""
-    from onnxslim_cv.model_io import load_model, save_model
-    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
-
-    model = load_model(entry.model_path(), input_shapes=entry.input_shapes if entry.dynamic else None)
-    with benchlib.stdout_to_stderr():
-        folded, _ = run_passes(model, make_passes(["fold"]), context=PassContext(progress=False), measure=False)
-    save_model(folded, path)
-    return folded
-
-
 def unnamed_nodes(model) -> int:
     """Nodes without a name or sharing one with an earlier node."""
     seen, count = set(), 0
@@ -292,7 +272,7 @@ def run_cell(entry, data, model, fp32_path: Path, folder: Path, run: Dict[str, A
         stage = "evaluating"
         quality = evaluate(dense_path, data, reference=None if classifier else fp32_path, limit=eval_n)
         cell["quality"] = {k: quality[k] for k in ("samples", "metrics", "primary", "agreement", "agreement_primary")}
-        cell["quality_value"], cell["quality_text"], cell["metric"] = quality_of(classifier, quality)
+        cell["quality_value"], cell["quality_text"], cell["metric"] = benchlib.quality_of(classifier, quality)
     except Exception as exc:  # a crash of the pass (or a file onnxruntime rejects) is a result
         cell.update(status="error", error=f"{stage}: {benchlib.error_text(exc)}", traceback=traceback.format_exc())
         benchlib.progress(f"  {run['name']}: FAILED {cell['error']}\n"
@@ -320,7 +300,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     calibration = benchlib.in_memory(entry.calibration(calib_n))
     data = benchlib.CachedEntry(entry)  # every variant is evaluated on the same decoded samples
     fp32_path = folder / f"{entry.key}.fp32.onnx"
-    model = prepare_fp32(entry, fp32_path)
+    model = benchlib.prepare_fp32(entry, fp32_path)
     classifier = entry.is_labelled  # top-1 (as bench_quant: the labelled models are the classifiers)
     fp32_quality = evaluate(fp32_path, data, reference=None if classifier else fp32_path, limit=eval_n)
     zeros, total = weight_zeros(_initializers(model.to_proto()))
@@ -344,7 +324,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
         "nodes": len(model.graph.nodes), "unnamed_nodes": unnamed_nodes(model),
         "cells": [],
     }
-    row["fp32"]["quality_value"], row["fp32"]["quality_text"], row["metric"] = quality_of(classifier, fp32_quality)
+    row["fp32"]["quality_value"], row["fp32"]["quality_text"], row["metric"] = benchlib.quality_of(classifier, fp32_quality)
     benchlib.progress(f"{entry.key}: fp32 {fp32_quality['summary']}; eval {row['eval_samples']}, "
                       f"calib {calib_n} samples")
     for run in runs:
@@ -363,24 +343,6 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
 
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
-
-
-def drop(row: Dict[str, Any], cell: Dict[str, Any]) -> Tuple[Optional[float], str]:
-    """(drop, text) against fp32: top-1 points for classifiers, (1 - agreement) points for the
-    F1/IoU agreements, and the task PSNR in dB for super-resolution."""
-    if cell.get("status") != "ok":
-        return None, ""
-    if cell.get("quality_value") is None:
-        return None, "n/a"
-    if row["classifier"]:
-        value = row["fp32"]["quality_value"] - cell["quality_value"]
-        return value, f"{100 * value:.2f} pt" if abs(value) >= 0.00005 else "0.00 pt"
-    primary = cell["quality"]["primary"]
-    if primary["name"] == "PSNR":
-        value = row["fp32"]["quality"]["primary"]["value"] - primary["value"]
-        return value, f"{value + 0.0:.2f} dB" if abs(value) >= 0.005 else "0.00 dB"
-    value = 1.0 - cell["quality_value"]
-    return value, f"{100 * value:.2f} pt"
 
 
 def nm_text(cell: Dict[str, Any]) -> str:
@@ -430,7 +392,7 @@ def model_table(row: Dict[str, Any]) -> str:
         sparse_text = _size(cell["sparse_size"], fp32["size"])
         if not cell["sparse_storage"]["ok"]:
             sparse_text += " **differs from dense**"
-        line += [cell["quality_text"], drop(row, cell)[1]]
+        line += [cell["quality_text"], benchlib.drop(row, cell)[1]]
         if not row["classifier"]:
             line.append(cell["quality"]["primary"]["text"])
         line += [layers_text, all_text, nm_text(cell), _size(cell["size"], fp32["size"]),
@@ -470,7 +432,7 @@ def target_checks(rows: List[Dict[str, Any]], nm: Optional[str], modes: Sequence
         if cell["status"] != "ok":
             checks.append([key, target, f"error: {_md(cell['error'][:100])}", met_text[False]])
             continue
-        value, _ = drop(row, cell)
+        value, _ = benchlib.drop(row, cell)
         reached = cell["zeros_sparsified_layers"]
         sparse_ok = reached is not None and reached >= TOP1_TARGET_SPARSITY - SPARSITY_TOLERANCE
         measured = (f"{row['fp32']['quality_text']} → {cell['quality_text']}: drop {100 * value:.2f} pt; "

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # the repo copy of onnxslim_cv; passes/ still needs `pip install -e .`
@@ -251,3 +251,46 @@ def error_text(exc: BaseException) -> str:
     """``Type: first line`` of an exception, for table cells."""
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Quality columns shared by the pass benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_fp32(entry: zoo.SharedModel, path: Path):
+    """The shared model at its fixed input shape through ``fold``, saved to ``path``; the Model."""
+    from onnxslim_cv.model_io import load_model, save_model
+    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+
+    model = load_model(entry.model_path(), input_shapes=entry.input_shapes if entry.dynamic else None)
+    with stdout_to_stderr():
+        folded, _ = run_passes(model, make_passes(["fold"]), context=PassContext(progress=False), measure=False)
+    save_model(folded, path)
+    return folded
+
+
+def quality_of(classifier: bool, quality: Dict[str, Any]) -> Tuple[Optional[float], str, str]:
+    """(value, text, metric name): top-1 for classifiers, the agreement with fp32 otherwise."""
+    primary = quality["primary"] if classifier else quality.get("agreement_primary")
+    if not primary:
+        return None, "n/a", "?"
+    return primary["value"], primary["text"], primary["name"]
+
+
+def drop(row: Dict[str, Any], cell: Dict[str, Any]) -> Tuple[Optional[float], str]:
+    """(drop, text) against fp32: top-1 points for classifiers, (1 - agreement) points for the
+    F1/IoU agreements, and the task PSNR in dB for super-resolution."""
+    if cell.get("status") != "ok":
+        return None, ""
+    if cell.get("quality_value") is None:
+        return None, "n/a"
+    if row["classifier"]:
+        value = row["fp32"]["quality_value"] - cell["quality_value"]
+        return value, f"{100 * value:.2f} pt" if abs(value) >= 0.00005 else "0.00 pt"
+    primary = cell["quality"]["primary"]
+    if primary["name"] == "PSNR":
+        value = row["fp32"]["quality"]["primary"]["value"] - primary["value"]
+        return value, f"{value + 0.0:.2f} dB" if abs(value) >= 0.005 else "0.00 dB"
+    value = 1.0 - cell["quality_value"]
+    return value, f"{100 * value:.2f} pt"
