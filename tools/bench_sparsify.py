@@ -600,15 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = configs(args.sparsities, args.modes, args.nm, args.recovery)
 
     started = time.perf_counter()
-    rows: List[Dict[str, Any]] = []
-    with benchlib.temp_folder(prefix="onnxslim-cv-bench-sparsify-", keep=args.keep) as folder:
-        for entry in entries:
-            benchlib.progress(f"{entry.key}: preparing fp32, evaluating it ...")
-            try:
-                rows.append(bench_model(entry, folder, runs, args))
-            except Exception as exc:  # preparing / evaluating fp32 failed: say so, go on
-                benchlib.progress(f"{entry.key}: failed: {benchlib.error_text(exc)}\n{traceback.format_exc()}")
-                rows.append({"key": entry.key, "error": benchlib.error_text(exc), "traceback": traceback.format_exc()})
+    rows = benchlib.bench_each(entries, bench_model, runs, args, prefix="onnxslim-cv-bench-sparsify-")
     wall = time.perf_counter() - started
     import onnxruntime
 

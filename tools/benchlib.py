@@ -294,3 +294,21 @@ def drop(row: Dict[str, Any], cell: Dict[str, Any]) -> Tuple[Optional[float], st
         return value, f"{value + 0.0:.2f} dB" if abs(value) >= 0.005 else "0.00 dB"
     value = 1.0 - cell["quality_value"]
     return value, f"{100 * value:.2f} pt"
+
+
+def bench_each(entries: Sequence[zoo.SharedModel], bench_model, runs, args, *, prefix: str) -> List[Dict[str, Any]]:
+    """``bench_model(entry, folder, runs, args)`` per model in one scratch folder (``--keep``
+    keeps it); a model whose fp32 preparation or evaluation fails becomes an error row."""
+    import traceback
+
+    rows: List[Dict[str, Any]] = []
+    with temp_folder(prefix=prefix, keep=args.keep) as folder:
+        for entry in entries:
+            progress(f"{entry.key}: preparing fp32, evaluating and timing it ...")
+            try:
+                rows.append(bench_model(entry, folder, runs, args))
+            except Exception as exc:  # say so, go on with the next model
+                progress(f"{entry.key}: failed: {error_text(exc)}\n{traceback.format_exc()}")
+                rows.append({"key": entry.key, "error": error_text(exc), "traceback": traceback.format_exc()})
+    return rows
+
