@@ -823,12 +823,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
         "models": rows,
     }
-    text = render(results)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-        benchlib.progress(f"wrote {args.markdown}")
-    benchlib.write_json(args.json, results)
+    benchlib.publish(render(results), results, args)
     return 0
 
 

@@ -615,11 +615,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "models": rows,
     }
     text = render(results)
-    print(text.split("\n", 2)[2])  # the command line is already printed at the top
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-        benchlib.progress(f"wrote {args.markdown}")
-    benchlib.write_json(args.json, results)
+    benchlib.publish(text, results, args, shown=text.split("\n", 2)[2])  # the command line is printed at the top
     return 0
 
 

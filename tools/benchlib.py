@@ -312,3 +312,13 @@ def bench_each(entries: Sequence[zoo.SharedModel], bench_model, runs, args, *, p
                 rows.append({"key": entry.key, "error": error_text(exc), "traceback": traceback.format_exc()})
     return rows
 
+
+def publish(text: str, results: Dict[str, Any], args, *, shown: Optional[str] = None) -> None:
+    """Print the tables (``shown``, default ``text``), write ``text`` to ``--markdown`` and the
+    results to ``--json`` when asked."""
+    print(text if shown is None else shown)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+        progress(f"wrote {args.markdown}")
+    write_json(args.json, results)
+
