@@ -13,6 +13,12 @@ ridge term pulls towards the unpruned weights rather than zero, so a layer with 
 (a classifier after global pooling) stays close to where it was. Only the normal equations
 (X'^T X' and X'^T Y, the size of the weights) are accumulated, batch by batch, so memory does
 not depend on the number of samples.
+
+A ConvTranspose is fit per output tap: every input pixel's channel vector maps to the
+``Cout * kh * kw`` values it scatters, a plain linear map. That is exact when the stride is at
+least the kernel (each output pixel comes from one tap, as in the 2x2 stride-2 upsamplers of
+segmentation heads) and a proxy when taps overlap. Its bias is one value per output channel, so
+the per-tap offsets of the fit are averaged into it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from . import activations, runtime
 from .graph_utils import new_constant, replace_constant_values
 from .ir import Model
 
-RECONSTRUCTABLE = ("Conv", "Gemm", "MatMul")
+RECONSTRUCTABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MAX_ROWS_ELEMENTS = 1 << 23  # bounds the patch matrix of one batch (~64 MB in float64)
 
 
@@ -103,12 +109,38 @@ class Consumer:
     skipped: Optional[str] = None
 
 
+def _taps(node: gs.Node) -> int:
+    """Rows of :func:`_as_matrix` per output channel (kh * kw for a ConvTranspose, else 1)."""
+    return int(np.prod(node.inputs[1].values.shape[2:])) if node.op == "ConvTranspose" else 1
+
+
+def _per_channel(node: gs.Node, row_offsets: np.ndarray) -> np.ndarray:
+    """Per-row offsets of :func:`_as_matrix` as one bias per output channel.
+
+    For a ConvTranspose, each output pixel sums the taps that land on it: one when the stride
+    is at least the kernel (the mean over taps), about (k / s)^2 when taps overlap.
+    """
+    taps = _taps(node)
+    if taps == 1:
+        return row_offsets
+    strides = _pair(node.attrs.get("strides"), 2, 1)
+    kernel = node.inputs[1].values.shape[2:]
+    landing = min(strides[0], kernel[0]) * min(strides[1], kernel[1])
+    return row_offsets.reshape(-1, taps).sum(axis=1) / landing
+
+
 def _as_matrix(node: gs.Node) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """The layer as ``W [Cout, D]`` (conv weights flattened) and its bias (or None)."""
+    """The layer as ``W [Cout, D]`` (conv weights flattened) and its bias (or None).
+
+    A ConvTranspose gives ``[Cout * kh * kw, Cin]``: one row per output channel and tap, one
+    column per input channel; its bias stays per output channel.
+    """
     weight = np.asarray(node.inputs[1].values)
     bias = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
     if node.op == "Conv":
         return weight.reshape(weight.shape[0], -1), bias
+    if node.op == "ConvTranspose":
+        return np.moveaxis(weight, 0, -1).reshape(-1, weight.shape[0]), bias
     if node.op == "Gemm":
         matrix = weight if node.attrs.get("transB", 0) else weight.T
         if bias is not None and bias.size != matrix.shape[0]:
@@ -123,7 +155,7 @@ def reconstructable(node: gs.Node) -> Optional[str]:
         return "not a Conv / Gemm / MatMul"
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return "weight is not a constant"
-    if node.op == "Conv":
+    if node.op in ("Conv", "ConvTranspose"):
         weight = node.inputs[1].values
         if int(node.attrs.get("group", 1)) != 1:
             return "grouped conv"
@@ -142,6 +174,8 @@ def reconstructable(node: gs.Node) -> Optional[str]:
 def _rows(node: gs.Node, x: np.ndarray, kernel, positions) -> np.ndarray:
     if node.op == "Conv":
         return conv_patches(x, node, kernel, positions)
+    if node.op == "ConvTranspose":  # one row per input pixel
+        return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])[positions]
     return x.reshape(-1, x.shape[-1]) if positions is None else x.reshape(-1, x.shape[-1])[positions]
 
 
@@ -211,8 +245,13 @@ def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, posi
     x = reference[node.inputs[0].name]
     x_new = current[node.inputs[0].name]
     matrix, _ = _as_matrix(node)
-    matrix = matrix[consumer.out_keep]
-    if node.op == "Conv":
+    matrix = matrix[np.repeat(consumer.out_keep, _taps(node))]
+    if node.op == "ConvTranspose":
+        kernel = None
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        budget = positions_per_sample * x.shape[0]
+        positions = np.sort(rng.choice(pixels, size=min(pixels, budget), replace=False))
+    elif node.op == "Conv":
         kernel = tuple(node.inputs[1].values.shape[2:])
         total = output_positions(node, x.shape, kernel)
         columns = x.shape[1] * kernel[0] * kernel[1]
@@ -264,13 +303,19 @@ def _solve(consumer: Consumer, orig_node: gs.Node, node: gs.Node, pruned: Model,
         residual = consumer.target_energy + float(np.sum(params * (gram @ params)) - 2 * np.sum(params * cross))
         return max(residual, 0.0) / max(consumer.target_energy, 1e-30)
 
+    taps = _taps(node)
+    bias_delta = _per_channel(node, solution[dim])
+    if taps > 1:
+        # every tap reads the same pixels, so the best bias shared by a channel's rows is the
+        # mean of their free offsets; the written one counts the taps landing on each pixel
+        solution[dim] = np.repeat(solution[dim].reshape(-1, taps).mean(axis=1), taps)
     consumer.error_before = error(prior)
     consumer.error_after = error(solution)
     if consumer.error_after > consumer.error_before:
         consumer.skipped = "refit did not reduce the error"
         return
     new_matrix = solution[:dim].T.astype(np.float32)
-    new_bias = solution[dim].astype(np.float32)
+    new_bias = bias_delta.astype(np.float32)
     base_bias = orig_bias[consumer.out_keep] if orig_bias is not None else np.zeros(new_matrix.shape[0], np.float32)
     _write(pruned, node, new_matrix, (base_bias + new_bias).astype(np.float32))
 
@@ -280,6 +325,10 @@ def _write(model: Model, node: gs.Node, matrix: np.ndarray, bias: np.ndarray) ->
     weight = node.inputs[1].values
     if node.op == "Conv":
         replace_constant_values(graph, node, 1, matrix.reshape(weight.shape).astype(weight.dtype))
+        _set_bias(graph, node, 2, bias.astype(weight.dtype))
+    elif node.op == "ConvTranspose":
+        values = np.moveaxis(matrix.reshape(*weight.shape[1:], weight.shape[0]), -1, 0)
+        replace_constant_values(graph, node, 1, values.astype(weight.dtype))
         _set_bias(graph, node, 2, bias.astype(weight.dtype))
     elif node.op == "Gemm":
         values = matrix if node.attrs.get("transB", 0) else matrix.T
@@ -346,7 +395,7 @@ def bias_compensation(
         else:
             per_column = mean
             removed_columns = removed
-        shift = matrix[:, removed_columns] @ per_column[removed_columns]
+        shift = _per_channel(node, matrix[:, removed_columns] @ per_column[removed_columns])
         shift = shift[consumer.out_keep]
         target = new_nodes[consumer.name]
         current, current_bias = _as_matrix(target)

@@ -824,18 +824,20 @@ def analyze_groups(
     min_channels: int = 1,
     exclude: Optional[str] = None,
     groups: Optional[Sequence[int]] = None,
+    recovery: str = "bias",
 ) -> List[SensitivityCurve]:
     """Loss at the outputs when only one channel group loses ``ratio`` of its channels.
 
     The least important units (``criterion``, as prune scores them; counts rounded as prune
     rounds them with ``round_to`` / ``min_channels``) are removed physically from a copy,
-    with mean bias compensation as ``--prune-recovery bias``, and the whole model is run
+    then recovered as ``--prune-recovery`` would (``recovery``: none, bias = mean bias
+    compensation, lsq = least-squares refit of the group's consumers), and the whole model is run
     (removal changes shapes, so no suffix trick). ``macs_at`` records the model's MACs per
     level for :func:`allocate`. ``groups`` limits the analysis to these group ids.
     """
     from .depgraph import build_dependency_graph, prune_channels
     from .passes import prune as P
-    from .reconstruct import bias_compensation
+    from .reconstruct import bias_compensation, reconstruct
 
     levels = check_levels(ratios, "ratio", allow_zero=False)
     data = _limit(data, samples)
@@ -876,7 +878,11 @@ def analyze_groups(
                             raise RuntimeError("dependency graph of the model copy differs from the original's")
                         consumers = P._consumers(copy_dg, removed)
                         prune_channels(pruned, copy_dg, removed)
-                        bias_compensation(work, pruned, consumers, means)
+                        if recovery == "lsq":
+                            refit = reconstruct(work, pruned, consumers, data)
+                            bias_compensation(work, pruned, [c for c in refit if c.skipped], means)
+                        elif recovery == "bias":
+                            bias_compensation(work, pruned, consumers, means)
                         measured[count] = reference.loss(pruned)
                 results.append(measured[count])
                 macs_at.append(int(round(budget.kept({group.id: ratio}) * budget.total)))

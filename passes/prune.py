@@ -45,6 +45,7 @@ from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstruct, re
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction")
 RECOVERY = ("auto", "none", "bias", "lsq")
+ALLOCATIONS = ("ranking", "sensitivity")
 DATA_CRITERIA = ("activation", "reconstruction")
 MACS_EXPONENT = 0.0
 
@@ -124,9 +125,10 @@ class PrunePass(Pass):
             "allocation",
             "ranking",
             "with --prune-target-macs: ranking (one global importance ranking) or sensitivity (measure each group's "
-            "output loss at several ratios on calibration data, then give every group the same loss; slower)",
+            "output loss at several ratios on calibration data, recovered as --prune-recovery does, then give every "
+            "group the same loss; slower)",
             str,
-            choices=("ranking", "sensitivity"),
+            choices=ALLOCATIONS,
         ),
     )
     demo_options = {"ratio": 0.25, "round_to": 1}
@@ -185,7 +187,8 @@ class PrunePass(Pass):
             criterion = "reconstruction" if data is not None else "l2"
         if criterion in DATA_CRITERIA and data is None:
             raise UserError(f"prune: --prune-criterion {criterion} needs calibration data (--calib)")
-        if config["allocation"] == "sensitivity" and data is None:
+        allocation = config["allocation"]
+        if allocation == "sensitivity" and data is None:
             raise UserError("prune: --prune-allocation sensitivity needs calibration data (--calib)")
         round_to = config["round_to"]
         if round_to == "auto":
@@ -218,8 +221,10 @@ class PrunePass(Pass):
         scores = unit_scores(model, dg, criterion, moments)
 
         limits = _group_limits(dg, round_to, config["min_channels"])
-        if config["target_macs"] is not None and config["allocation"] == "sensitivity":
-            fixed_ratio.update(_sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion, round_to, config, context, report))
+        if config["target_macs"] is not None and allocation == "sensitivity":
+            fixed_ratio.update(
+                _sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion, round_to, recovery, config, context, report)
+            )
         if config["target_macs"] is not None:
             removed = select_for_macs(dg, scores, limits, config["target_macs"], config["max_ratio"], fixed_ratio)
         else:
@@ -268,7 +273,9 @@ class PrunePass(Pass):
         report.notes.append(
             f"{summary['prunable_groups']}/{summary['groups']} channel groups prunable "
             f"({summary['prunable_conv_channels']}/{summary['conv_channels']} conv channels); "
-            f"{report.changes.get('groups pruned', 0)} pruned, criterion {criterion}, recovery {recovery}"
+            f"{report.changes.get('groups pruned', 0)} pruned, criterion {criterion}, "
+            + (f"allocation {allocation}, " if config["target_macs"] is not None else "")
+            + f"recovery {recovery}"
         )
         return report
 
@@ -497,11 +504,12 @@ def _give_back(dg, removed, orders, limits, normalised, macs_of, goal, fixed) ->
 SENSITIVITY_SAMPLES = 64
 
 
-def _sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion, round_to, config, context, report) -> Dict[int, float]:
+def _sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion, round_to, recovery, config, context, report) -> Dict[int, float]:
     """``--prune-allocation sensitivity``: per-group ratios with equal measured output loss.
 
     Each group's loss curve is measured alone (:func:`onnxslim_cv.sensitivity.analyze_groups`,
-    same criterion, rounding and bias compensation), then the greedy equal-degradation search
+    same criterion, rounding and recovery: a group whose loss the refit can undo is cheap, one
+    it cannot is not, which bias compensation alone does not show), then the greedy equal-degradation search
     picks the ratios that meet the MACs target, counted exactly with this pass's rounding. The
     ratios then go through the recipe path (``fixed_ratio``), so selection is unchanged.
     """
@@ -515,7 +523,7 @@ def _sensitivity_ratios(model, dg, scores, limits, fixed_ratio, data, criterion,
     with _bar(context, len(ids) * len(levels), "prune: sensitivity", "eval") as bar:
         curves = sensitivity.analyze_groups(
             model, data, ratios=levels, samples=SENSITIVITY_SAMPLES, criterion=criterion, round_to=round_to,
-            min_channels=config["min_channels"], groups=ids, progress=bar,
+            min_channels=config["min_channels"], groups=ids, progress=bar, recovery=recovery,
         )
     for curve in curves:
         group = dg.groups[curve.group]
@@ -584,7 +592,7 @@ def _consumers(dg: DependencyGraph, removed: List[int]) -> List[Consumer]:
     removed_arr = np.asarray(sorted(removed), dtype=np.int64)
     found: Dict[str, Consumer] = {}
     for member in dg.members:
-        if member.role != "in" or not _is_weight(member) or member.node.op == "ConvTranspose":
+        if member.role != "in" or not _is_weight(member):
             continue
         in_keep = dg.keep_mask(member.ids, removed_arr)
         if in_keep.all():
@@ -594,7 +602,7 @@ def _consumers(dg: DependencyGraph, removed: List[int]) -> List[Consumer]:
             out_keep = dg.keep_mask(out_member.ids, removed_arr)
         else:
             weight = member.node.inputs[1].values
-            axis = {"Conv": 0, "Gemm": 0 if member.node.attrs.get("transB", 0) else 1, "MatMul": 1}[member.node.op]
+            axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if member.node.attrs.get("transB", 0) else 1, "MatMul": 1}[member.node.op]
             out_keep = np.ones(weight.shape[axis], dtype=bool)
         found[member.node.name] = Consumer(member.node.name, in_keep, out_keep)
     return list(found.values())

@@ -138,6 +138,22 @@ def test_lsq_refits_every_consumer_and_reports_errors():
             assert row["error_after"] <= row["error_before"]
 
 
+def test_lsq_refits_conv_transpose_consumers():
+    proto = test_models.build("conv_transpose", channels=16)
+    calib = _calibration(proto, 24, seed=50)
+    feed = test_models.sample_inputs(proto, batch=4, seed=3)
+    reference = _outputs(proto, feed)[0]
+    errors = {}
+    for recovery in ("none", "bias", "lsq"):
+        out, report = _prune(proto, calib, ratio=0.5, round_to=1, criterion="l2", recovery=recovery)
+        errors[recovery] = _relative_error(reference, _outputs(out, feed)[0])
+    rows = {row["layer"]: row for row in report.details["reconstruction"]}
+    deconv = [name for name in rows if "deconv" in name]
+    assert deconv and all("skipped" not in rows[name] for name in deconv), rows
+    assert all(rows[name]["error_after"] < rows[name]["error_before"] for name in deconv), rows
+    assert errors["lsq"] < errors["bias"] < errors["none"], errors
+
+
 def test_nothing_prunable_leaves_the_model_unchanged():
     proto = test_models.build("channel_shuffle")
     model = Model.from_proto(proto)
@@ -223,6 +239,19 @@ def test_sensitivity_allocation_meets_the_target_with_the_allocated_ratios():
         row = rows[tuple(curve["members"])]
         expected = min(int(levels[curve["name"]] * row["units"] + 1e-9), row["units"] - 1)
         assert row["units"] - row["kept_units"] == expected, (curve["name"], levels[curve["name"]], row)
+
+
+def test_sensitivity_curves_are_measured_with_the_pass_recovery():
+    # the refit undoes much of a group's loss, so curves measured with it are lower
+    proto = test_models.build("resnet_bottleneck_block")
+    calib = _calibration(proto, 16)
+    curves = {}
+    for recovery in ("bias", "lsq"):
+        _, report = _prune(proto, calib, target_macs=0.6, round_to=1, recovery=recovery, allocation="sensitivity")
+        curves[recovery] = {c["name"]: c["loss"]["cosine"] for c in report.details["sensitivity"]["curves"]}
+    assert curves["bias"].keys() == curves["lsq"].keys()
+    total = {k: sum(sum(v) for v in c.values()) for k, c in curves.items()}
+    assert total["lsq"] < 0.8 * total["bias"], total
 
 
 def test_sensitivity_allocation_needs_a_macs_target_and_calibration_data():

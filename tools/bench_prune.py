@@ -3,6 +3,7 @@
 
     python tools/bench_prune.py [--models resnet20,squeezenet] [--ratios 0.1,0.3] [--samples 256]
                                 [--eval-limit 200] [--latency-seconds 2] [--markdown out.md] [--json out.json]
+                                [--allocation ranking|sensitivity] [--target-macs 0.8,0.7]
 
 For every model and ratio R, three runs of ``fold,prune`` on the model as loaded (dynamic
 models at the zoo's fixed input shape):
@@ -15,6 +16,10 @@ models at the zoo's fixed input shape):
    are ranked globally by weights alone;
 3. **ours + reconstruction**: the same target with calibration data (``recovery=auto`` =
    least-squares refit; groups are then also allocated by calibrated output error).
+
+``--allocation`` sets the third run's ``allocation`` (default: the pass default, ranking).
+``--target-macs F,...`` replaces the ratios by fixed MACs targets and runs only the third
+method at each (the issue's quality targets are stated that way).
 
 For each result: MACs after / before (the prune pass's own statistics), onnxruntime latency
 against the original fp32 file (1 thread, interleaved, median ratio; < 1 is faster), quality
@@ -58,12 +63,12 @@ METHODS = (
 )
 
 
-def method_options(method: str, ratio: float, target: Optional[float]) -> Dict[str, Any]:
+def method_options(method: str, ratio: float, target: Optional[float], allocation: Optional[str] = None) -> Dict[str, Any]:
     if method == "l1":
         return {"ratio": ratio, "criterion": "l1", "recovery": "none", "round_to": 1}
     if method == "ours":
         return {"target_macs": target, "recovery": "none"}
-    return {"target_macs": target}
+    return {"target_macs": target, **({"allocation": allocation} if allocation else {})}
 
 
 def _error_text(exc: BaseException) -> str:
@@ -135,6 +140,8 @@ def bench_model(
     samples: int,
     eval_limit: Optional[int],
     latency_seconds: float,
+    allocation: Optional[str] = None,
+    targets: Optional[Sequence[float]] = None,
 ) -> Dict[str, Any]:
     started = time.perf_counter()
     eval_n, calib_n = benchlib.disjoint_split(entry, eval_limit, samples)
@@ -152,16 +159,20 @@ def bench_model(
         "agreement_metric": None,
         "ratios": [],
     }
-    for ratio in ratios:
-        benchlib.progress(f"{entry.key} ratio {ratio:g} ...")
+    plan = [(None, t) for t in targets] if targets else [(r, None) for r in ratios]
+    for ratio, fixed_target in plan:
+        benchlib.progress(f"{entry.key} " + (f"target {fixed_target:g}" if ratio is None else f"ratio {ratio:g}") + " ...")
         cells: Dict[str, Any] = {"ratio": ratio}
-        target = None
+        target = fixed_target
         for method, _ in METHODS:
-            name = f"r{ratio:g}.{method}"
+            name = f"r{ratio:g}.{method}" if ratio is not None else f"t{fixed_target:g}.{method}"
+            if fixed_target is not None and method != "ours_lsq":
+                cells[method] = {"status": "skipped", "error": "fixed MACs target: only ours + reconstruction runs"}
+                continue
             if method != "l1" and target is None:
                 cells[method] = {"status": "skipped", "error": "no baseline MACs ratio"}
                 continue
-            options = method_options(method, ratio, target)
+            options = method_options(method, ratio, target, allocation)
             if method == "ours_lsq":
                 options["samples"] = calib_n
             cells[method] = run_cell(
@@ -218,7 +229,7 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
     table_rows = []
     for row in rows:
         for cells in row["ratios"]:
-            line = [row["key"], f"{cells['ratio']:g}"]
+            line = [row["key"], f"{cells['ratio']:g}" if cells["ratio"] is not None else f"MACs {cells['target_macs']:g}"]
             for method, _ in METHODS:
                 line += _cells(row, cells[method])
             table_rows.append(line)
@@ -258,17 +269,18 @@ def render(rows: List[Dict[str, Any]], args, wall: float) -> str:
         "eval samples of the zoo pool. L1 = `ratio=R, criterion=l1, recovery=none, round_to=1` without "
         "calibration; ours = `target_macs=<L1's MACs ratio>, recovery=none` (default criterion, round_to auto) "
         "without calibration; ours + reconstruction = the same target with calibration samples disjoint from "
-        f"the evaluation ones (recovery auto = lsq). Wall time {wall / 60:.1f} min.",
+        f"the evaluation ones (recovery auto = lsq, allocation {args.allocation or 'ranking'}). "
+        f"Wall time {wall / 60:.1f} min.",
     ])
 
 
-def _parse_ratios(text: str) -> List[float]:
+def _parse_ratios(text: str, flag: str = "--ratios") -> List[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise SystemExit(f"error: --ratios {text!r}: expected comma-separated numbers, e.g. 0.1,0.3")
+        raise SystemExit(f"error: {flag} {text!r}: expected comma-separated numbers, e.g. 0.1,0.3")
     if not values or any(not 0 < v < 1 for v in values):
-        raise SystemExit(f"error: --ratios {text!r}: every ratio must be in (0, 1)")
+        raise SystemExit(f"error: {flag} {text!r}: every value must be in (0, 1)")
     return values
 
 
@@ -287,12 +299,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "minus the calibration samples)")
     parser.add_argument("--latency-seconds", type=float, default=DEFAULT_LATENCY_SECONDS, metavar="S",
                         help="latency measurement time per pruned model (default %(default)s)")
+    parser.add_argument("--allocation", choices=("ranking", "sensitivity"),
+                        help="allocation of the 'ours + reconstruction' runs (default: the pass default, ranking)")
+    parser.add_argument("--target-macs", metavar="F,...",
+                        help="instead of the ratios: run only 'ours + reconstruction' at these MACs targets")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to this markdown file")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the pruned models (prints the folder)")
     args = parser.parse_args(argv)
 
     ratios = _parse_ratios(args.ratios)
+    targets = _parse_ratios(args.target_macs, "--target-macs") if args.target_macs else None
     if args.samples < 1:
         raise SystemExit("error: --samples must be >= 1")
     if args.models:
@@ -312,7 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             benchlib.progress(f"{entry.key}: loading, evaluating the fp32 original ...")
             try:
                 rows.append(bench_model(entry, ratios, folder, samples=args.samples, eval_limit=eval_limit,
-                                        latency_seconds=args.latency_seconds))
+                                        latency_seconds=args.latency_seconds, allocation=args.allocation,
+                                        targets=targets))
             except Exception as exc:  # loading / evaluating the original failed: say so, go on
                 benchlib.progress(f"{entry.key}: failed before pruning: {_error_text(exc)}\n{traceback.format_exc()}")
     wall = time.perf_counter() - started

@@ -1,0 +1,110 @@
+"""Least-squares refit of layers whose inputs lost channels (onnxslim_cv/reconstruct.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_cv import runtime
+from onnxslim_cv.calibration import from_iterable
+from onnxslim_cv.depgraph import build_dependency_graph, prune_channels
+from onnxslim_cv.ir import Model
+from onnxslim_cv.passes import prune as prune_pass
+from onnxslim_cv.reconstruct import bias_compensation, reconstruct
+
+
+def _redundant_then_deconv(kernel: int, stride: int, pad: int = 0) -> onnx.ModelProto:
+    """1x1 conv whose channel 3 is ch0 - 0.5 * ch1, then a ConvTranspose.
+
+    Removing channel 3 loses no information, so a refit of the ConvTranspose can undo it
+    exactly where each output pixel comes from one tap (stride >= kernel).
+    """
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    b1 = rng.normal(size=4).astype(np.float32)
+    w1[3] = w1[0] - 0.5 * w1[1]
+    b1[3] = b1[0] - 0.5 * b1[1]
+    w2 = rng.normal(size=(4, 5, kernel, kernel)).astype(np.float32)
+    w2[3] *= 3.0  # the removed channel matters
+    b2 = rng.normal(size=5).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv"),
+        helper.make_node(
+            "ConvTranspose", ["h", "w2", "b2"], ["y"], name="deconv",
+            kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4,
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes, "deconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _data(model: Model, count=16, seed=3):
+    rng = np.random.default_rng(seed)
+    return from_iterable([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(count)], model.input_specs())
+
+
+def _remove_channel_3(proto):
+    original = Model.from_proto(proto)
+    pruned = original.copy()
+    dg = build_dependency_graph(pruned)
+    group = next(g for g in dg.prunable_groups if "conv" in g.sources)
+    removed = [group.units[3]]
+    consumers = prune_pass._consumers(dg, removed)
+    prune_channels(pruned, dg, removed)
+    return original, pruned, consumers
+
+
+def _relative_output_error(a: Model, b: Model, feed) -> float:
+    ya = runtime.run(runtime.make_session(a.to_proto(), optimize=False), feed)[0]
+    yb = runtime.run(runtime.make_session(b.to_proto(), optimize=False), feed)[0]
+    assert ya.shape == yb.shape
+    return float(np.linalg.norm(ya - yb) / np.linalg.norm(ya))
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(2, 2, 0), (3, 3, 0), (4, 2, 1)])
+def test_conv_transpose_refit_recovers_a_redundant_channel(kernel, stride, pad):
+    # with overlapping taps (4, 2) the fit is per tap, but exact taps sum to an exact output
+    original, pruned, consumers = _remove_channel_3(_redundant_then_deconv(kernel, stride, pad))
+    assert [c.name for c in consumers] == ["deconv"]
+    feed = {"x": np.random.default_rng(9).normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    before = _relative_output_error(original, pruned, feed)
+    # a negligible ridge: the default one pulls towards the unpruned weights on purpose
+    (fit,) = reconstruct(original, pruned, consumers, _data(original), ridge=1e-9)
+    assert fit.skipped is None
+    after = _relative_output_error(original, pruned, feed)
+    onnx.checker.check_model(pruned.to_proto())
+    assert before > 0.2
+    assert after < 1e-4, (before, after)
+    assert fit.error_after < 1e-5 * fit.error_before
+
+
+def test_conv_transpose_refit_at_the_default_ridge_lowers_the_error():
+    original, pruned, consumers = _remove_channel_3(_redundant_then_deconv(4, 2, pad=1))
+    feed = {"x": np.random.default_rng(9).normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    before = _relative_output_error(original, pruned, feed)
+    (fit,) = reconstruct(original, pruned, consumers, _data(original))
+    assert 0 < fit.error_after < 0.5 * fit.error_before
+    assert _relative_output_error(original, pruned, feed) < 0.5 * before
+
+
+@pytest.mark.parametrize("kernel,exact", [(1, True), (2, False)])
+def test_conv_transpose_bias_compensation_adds_the_lost_mean(kernel, exact):
+    original, pruned, consumers = _remove_channel_3(_redundant_then_deconv(kernel, kernel))
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}  # h is then its bias everywhere: its mean
+    means = {"h": numpy_helper.to_array(next(i for i in original.to_proto().graph.initializer if i.name == "b1"))}
+    before = _relative_output_error(original, pruned, feed)
+    assert bias_compensation(original, pruned, consumers, means) == 1
+    after = _relative_output_error(original, pruned, feed)
+    if exact:  # one tap per output channel: the shift is exact
+        assert after < 1e-5 * max(before, 1.0)
+    else:  # one bias per channel for 4 taps of different shifts: the mean of them
+        assert after < 0.9 * before
