@@ -152,7 +152,7 @@ def _as_matrix(node: gs.Node) -> Tuple[np.ndarray, Optional[np.ndarray]]:
 def reconstructable(node: gs.Node) -> Optional[str]:
     """None if ``node`` can be refit, else the reason it cannot."""
     if node.op not in RECONSTRUCTABLE:
-        return "not a Conv / Gemm / MatMul"
+        return "not a Conv / ConvTranspose / Gemm / MatMul"
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return "weight is not a constant"
     if node.op in ("Conv", "ConvTranspose"):
