@@ -115,15 +115,20 @@ def test_every_criterion_runs(criterion):
     assert report.changes["channels removed"] > 0
 
 
-def test_reconstruction_and_bias_compensation_reduce_the_error():
-    proto = test_models.build("resnet_bottleneck_block")
-    calib = _calibration(proto, 48, seed=100)
-    feed = test_models.sample_inputs(proto, batch=8, seed=7)
+def _errors_by_recovery(proto, calib, feed, **options):
+    """Output error against the original for each recovery, and the lsq run's report."""
     reference = _outputs(proto, feed)[0]
     errors = {}
     for recovery in ("none", "bias", "lsq"):
-        out, report = _prune(proto, calib, ratio=0.4, round_to=1, criterion="l2", recovery=recovery)
+        out, report = _prune(proto, calib, recovery=recovery, **options)
         errors[recovery] = _relative_error(reference, _outputs(out, feed)[0])
+    return errors, report
+
+
+def test_reconstruction_and_bias_compensation_reduce_the_error():
+    proto = test_models.build("resnet_bottleneck_block")
+    feed = test_models.sample_inputs(proto, batch=8, seed=7)
+    errors, _ = _errors_by_recovery(proto, _calibration(proto, 48, seed=100), feed, ratio=0.4, round_to=1, criterion="l2")
     assert errors["lsq"] < 0.7 * errors["none"], errors
     assert errors["bias"] <= errors["none"] * 1.001, errors
 
@@ -140,13 +145,8 @@ def test_lsq_refits_every_consumer_and_reports_errors():
 
 def test_lsq_refits_conv_transpose_consumers():
     proto = test_models.build("conv_transpose", channels=16)
-    calib = _calibration(proto, 24, seed=50)
     feed = test_models.sample_inputs(proto, batch=4, seed=3)
-    reference = _outputs(proto, feed)[0]
-    errors = {}
-    for recovery in ("none", "bias", "lsq"):
-        out, report = _prune(proto, calib, ratio=0.5, round_to=1, criterion="l2", recovery=recovery)
-        errors[recovery] = _relative_error(reference, _outputs(out, feed)[0])
+    errors, report = _errors_by_recovery(proto, _calibration(proto, 24, seed=50), feed, ratio=0.5, round_to=1, criterion="l2")
     rows = {row["layer"]: row for row in report.details["reconstruction"]}
     deconv = [name for name in rows if "deconv" in name]
     assert deconv and all("skipped" not in rows[name] for name in deconv), rows
