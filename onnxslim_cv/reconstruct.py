@@ -241,6 +241,17 @@ def reconstruct(
     return list(consumers)
 
 
+def refit_or_compensate(
+    original: Model, pruned: Model, consumers: Sequence[Consumer], data, means: Dict[str, np.ndarray], *, seed: int = 0, progress=None
+) -> Tuple[List[Consumer], int]:
+    """``--prune-recovery lsq``: refit every consumer; those that could not be refit still get
+    the mean of what they lost (:func:`bias_compensation`). Returns the consumers and how many
+    biases were compensated."""
+    refit = reconstruct(original, pruned, consumers, data, seed=seed, progress=progress)
+    skipped = [c for c in refit if c.skipped]
+    return refit, bias_compensation(original, pruned, skipped, means) if skipped else 0
+
+
 def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, positions_per_sample) -> None:
     x = reference[node.inputs[0].name]
     x_new = current[node.inputs[0].name]

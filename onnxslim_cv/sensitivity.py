@@ -837,7 +837,7 @@ def analyze_groups(
     """
     from .depgraph import build_dependency_graph, prune_channels
     from .passes import prune as P
-    from .reconstruct import bias_compensation, reconstruct
+    from .reconstruct import bias_compensation, refit_or_compensate
 
     levels = check_levels(ratios, "ratio", allow_zero=False)
     data = _limit(data, samples)
@@ -879,8 +879,7 @@ def analyze_groups(
                         consumers = P._consumers(copy_dg, removed)
                         prune_channels(pruned, copy_dg, removed)
                         if recovery == "lsq":
-                            refit = reconstruct(work, pruned, consumers, data)
-                            bias_compensation(work, pruned, [c for c in refit if c.skipped], means)
+                            refit_or_compensate(work, pruned, consumers, data, means)
                         elif recovery == "bias":
                             bias_compensation(work, pruned, consumers, means)
                         measured[count] = reference.loss(pruned)

@@ -41,7 +41,7 @@ from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
 from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
-from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstruct, reconstructable
+from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstructable, refit_or_compensate
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction")
 RECOVERY = ("auto", "none", "bias", "lsq")
@@ -250,13 +250,12 @@ class PrunePass(Pass):
                 changed = bias_compensation(original, model, consumers, {k: v.mean for k, v in moments.items()})
                 report.count("biases compensated", changed)
             else:
-                refit = _run_reconstruction(original, model, consumers, data, context)
-                done = [c for c in refit if not c.skipped]
-                report.count("layers refit", len(done))
-                skipped = [c for c in refit if c.skipped]
-                if skipped:
-                    # layers that could not be refit still get the mean of what they lost
-                    changed = bias_compensation(original, model, skipped, {k: v.mean for k, v in moments.items()})
+                with _bar(context, None, "prune: reconstruction", "stage") as bar:
+                    refit, changed = refit_or_compensate(
+                        original, model, consumers, data, {k: v.mean for k, v in moments.items()}, seed=context.seed, progress=bar
+                    )
+                report.count("layers refit", sum(1 for c in refit if not c.skipped))
+                if any(c.skipped for c in refit):
                     report.count("biases compensated", changed)
                 report.details["reconstruction"] = [
                     {
@@ -606,11 +605,6 @@ def _consumers(dg: DependencyGraph, removed: List[int]) -> List[Consumer]:
             out_keep = np.ones(weight.shape[axis], dtype=bool)
         found[member.node.name] = Consumer(member.node.name, in_keep, out_keep)
     return list(found.values())
-
-
-def _run_reconstruction(original: Model, model: Model, consumers, data, context: PassContext):
-    with _bar(context, None, "prune: reconstruction", "stage") as bar:
-        return reconstruct(original, model, consumers, data, seed=context.seed, progress=bar)
 
 
 def _ensure_macs(model: Model, dg: DependencyGraph, data) -> None:
