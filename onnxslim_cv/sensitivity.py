@@ -47,6 +47,7 @@ METRICS = ("cosine", "snr", "top1")
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 DEFAULT_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 DEFAULT_SAMPLES = 64
+ALLOCATION_RULES = ("equal", "marginal")
 SESSION_BUDGET_BYTES = 768 << 20
 """Weights held by the suffix sessions alive at once; more layers take another reference pass."""
 STACK_BUDGET_BYTES = 2 << 30
@@ -674,12 +675,15 @@ def analyze_layers(
 # ---------------------------------------------------------------------------------------------
 
 
-class _Reference:
-    """Batches of inputs with the reference outputs, kept in memory when small enough."""
+class ReferenceOutputs:
+    """Batches of inputs with ``model``'s outputs, kept in memory when small enough.
 
-    def __init__(self, model: Model, data, grow: bool):
+    :meth:`loss` compares a candidate (a compressed copy) with them.
+    """
+
+    def __init__(self, model: Model, data, grow: Optional[bool] = None):
         self.data = data
-        self.grow = grow
+        self.grow = _grows(model) if grow is None else grow
         self.session = activations.tap_session(model, [], dynamic_batch=grow)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.fixed = _fixed_batch(self.session)
@@ -835,9 +839,7 @@ def analyze_groups(
     (removal changes shapes, so no suffix trick). ``macs_at`` records the model's MACs per
     level for :func:`allocate`. ``groups`` limits the analysis to these group ids.
     """
-    from .depgraph import build_dependency_graph, prune_channels
     from .passes import prune as P
-    from .reconstruct import bias_compensation, refit_or_compensate
 
     levels = check_levels(ratios, "ratio", allow_zero=False)
     data = _limit(data, samples)
@@ -858,7 +860,7 @@ def analyze_groups(
     budget = GroupBudget(dg, scores, limits)
     unit_macs = dg.unit_macs()
     patterns = _group_patterns(dg, chosen)
-    reference = _Reference(work, data, _grows(work))
+    reference = ReferenceOutputs(work, data)
     names = [g.describe() for g in chosen]
     curves = []
     with _Bar(progress, len(chosen) * (len(levels) - 1), "analyze: channel groups", "eval") as bar:
@@ -872,17 +874,7 @@ def analyze_groups(
                     if count == 0:
                         measured[count] = {m: 0.0 for m in METRICS}
                     else:
-                        pruned = work.copy()
-                        copy_dg = build_dependency_graph(pruned, refresh_shapes=False)
-                        if copy_dg.num_ids != dg.num_ids or len(copy_dg.groups) != len(dg.groups):
-                            raise RuntimeError("dependency graph of the model copy differs from the original's")
-                        consumers = P._consumers(copy_dg, removed)
-                        prune_channels(pruned, copy_dg, removed)
-                        if recovery == "lsq":
-                            refit_or_compensate(work, pruned, consumers, data, means)
-                        elif recovery == "bias":
-                            bias_compensation(work, pruned, consumers, means)
-                        measured[count] = reference.loss(pruned)
+                        measured[count] = reference.loss(P.pruned_copy(work, dg, removed, recovery, data, means))
                 results.append(measured[count])
                 macs_at.append(int(round(budget.kept({group.id: ratio}) * budget.total)))
                 bar.update(1)
@@ -920,8 +912,9 @@ class Allocation(dict):
     """
 
     def __init__(self, levels: Dict[str, float], *, target: float, achieved: float, threshold: float,
-                 reached: bool, metric: str, cost: str, kind: str):
+                 reached: bool, metric: str, cost: str, kind: str, rule: str = "equal"):
         super().__init__(levels)
+        self.rule = rule
         self.target = target
         self.achieved = achieved
         self.threshold = threshold
@@ -933,6 +926,7 @@ class Allocation(dict):
     def to_dict(self) -> Dict[str, Any]:
         return {
             "kind": self.kind,
+            "rule": self.rule,
             "metric": self.metric,
             "cost": self.cost,
             "target": self.target,
@@ -997,8 +991,13 @@ def allocate(
     max_level: Optional[float] = None,
     achieved: Optional[Callable[[Dict[str, float]], float]] = None,
     strict: bool = True,
+    rule: str = "equal",
 ) -> Allocation:
-    """Per-curve levels meeting a global ``target`` with equal degradation everywhere.
+    """Per-curve levels meeting a global ``target``: equal degradation everywhere, or least total loss.
+
+    ``rule="marginal"`` instead minimises the *sum* of the curves' losses under the budget (see
+    :func:`_marginal_levels`): unlike equal loss it weighs what each level saves, so a big
+    layer with a moderate loss gives more than a small one with a flat curve.
 
     This is AIMET's greedy compression-ratio selection (Qualcomm AIMET, "Greedy Compression
     Ratio Selection"): for a loss threshold ``t`` every curve takes the largest level whose
@@ -1022,6 +1021,8 @@ def allocate(
         raise UserError("nothing to allocate: no layer or group was analysed")
     if metric not in METRICS:
         raise UserError(f"metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if rule not in ALLOCATION_RULES:
+        raise UserError(f"allocation rule {rule!r}: choose one of {', '.join(ALLOCATION_RULES)}")
     kinds = {c.kind for c in curves}
     if len(kinds) != 1:
         raise UserError("allocate: curves of layers and of channel groups cannot share one budget")
@@ -1040,17 +1041,21 @@ def allocate(
             raise UserError(f"metric {metric} was not measured for {curve.name} (top1 needs a classifier-shaped output)")
     shapes = [_monotone(c, metric, max_level) for c in curves]
 
+    if kind == "layer":
+        weights = np.array([float(c.params if cost == "params" else c.macs) for c in curves])
+        if weights.sum() <= 0:
+            raise UserError(f"allocate: the layers have no known {cost}")
+        gains = [w / weights.sum() * x for w, (x, _) in zip(weights, shapes)]
+    else:
+        model_macs = float(max(c.macs_at[0] for c in curves))
+        savings = [np.asarray([c.macs_at[0] - m for m in c.macs_at], dtype=np.float64) for c in curves]
+        gains = [np.interp(x, c.levels, s) / (model_macs or 1.0) for c, s, (x, _) in zip(curves, savings, shapes)]
     if achieved is None:
         if kind == "layer":
-            weights = np.array([float(c.params if cost == "params" else c.macs) for c in curves])
-            if weights.sum() <= 0:
-                raise UserError(f"allocate: the layers have no known {cost}")
 
             def achieved(levels: Dict[str, float]) -> float:
                 return float(sum(w * levels[c.name] for w, c in zip(weights, curves)) / weights.sum())
         else:
-            model_macs = float(max(c.macs_at[0] for c in curves))
-            savings = [np.asarray([c.macs_at[0] - m for m in c.macs_at], dtype=np.float64) for c in curves]
 
             def achieved(levels: Dict[str, float]) -> float:
                 saved = sum(float(np.interp(levels[c.name], c.levels, s)) for c, s in zip(curves, savings))
@@ -1064,7 +1069,7 @@ def allocate(
 
     def result(levels, threshold, reached) -> Allocation:
         return Allocation(levels, target=target, achieved=float(achieved(levels)), threshold=threshold,
-                          reached=reached, metric=metric, cost=cost, kind=kind)
+                          reached=reached, metric=metric, cost=cost, kind=kind, rule=rule)
 
     finite = [float(v) for _, y in shapes for v in y if np.isfinite(v)]
     top = max(finite) if finite else 0.0
@@ -1077,6 +1082,9 @@ def allocate(
                 f"(measure larger levels or lower the target)"
             )
         return result(most, top, False)
+    if rule == "marginal":
+        levels, price = _marginal_levels(curves, shapes, gains, lambda lv: meets(achieved(lv)))
+        return result(levels, price, True)
     hi = _smallest_meeting(lambda t: meets(achieved(at(t))), top, steps=200)
     # On flat stretches (top-1 loss is 0 up to some level) the threshold alone overshoots: every
     # level between the first reaching it and the last staying at it has the same loss, so move
@@ -1088,6 +1096,57 @@ def allocate(
         return {name: lower[name] + share * (upper[name] - lower[name]) for name in upper}
 
     return result(blend(_smallest_meeting(lambda share: meets(achieved(blend(share))), 1.0, steps=60)), hi, True)
+
+
+def _marginal_levels(curves, shapes, gains, ok: Callable[[Dict[str, float]], bool]) -> Tuple[Dict[str, float], float]:
+    """Levels minimising the summed loss subject to ``ok`` (the budget), and the price that set them.
+
+    The Lagrangian relaxation of the allocation knapsack (as in rate-distortion bit allocation,
+    Shoham & Gersho 1988): at a price ``p`` per unit of budget every curve independently takes
+    the measured level minimising ``loss - p * gain``, so all sit at the same marginal loss per
+    unit saved; ``p`` is bisected to the cheapest price meeting the budget. Between the last
+    price that misses and the first that meets, the curves that moved are blended just far
+    enough. Price steps are coarse (whole measured levels) and the pass rounds channel counts,
+    so the budget may be overshot: a final pass hands the surplus back, one curve at a time,
+    to the curves with the highest loss.
+    """
+
+    def pick(price: float) -> Dict[str, float]:
+        levels = {}
+        for curve, (x, y), gain in zip(curves, shapes, gains):
+            objective = np.where(np.isfinite(y), y - price * gain, np.inf)
+            levels[curve.name] = float(x[int(np.argmin(objective))])
+        return levels
+
+    high = 1.0
+    while not ok(pick(high)):
+        high *= 4.0
+        if high > 1e12:
+            raise RuntimeError("marginal allocation: no price meets a budget the largest levels meet")
+    low = 0.0
+    for _ in range(80):
+        mid = (low + high) / 2
+        if ok(pick(mid)):
+            high = mid
+        else:
+            low = mid
+    below, above = pick(low), pick(high)
+
+    def blend(share: float) -> Dict[str, float]:
+        return {name: below[name] + share * (above[name] - below[name]) for name in above}
+
+    levels = blend(_smallest_meeting(lambda share: ok(blend(share)), 1.0, steps=40))
+    losses = {c.name: _loss_at(x, y, levels[c.name]) for c, (x, y) in zip(curves, shapes)}
+    for name in sorted(levels, key=lambda n: -losses[n]):
+        if levels[name] <= 0:
+            continue
+        current = levels[name]
+
+        def lowered(value: float, name=name) -> Dict[str, float]:
+            return {**levels, name: value}
+
+        levels[name] = _smallest_meeting(lambda v: ok(lowered(v)), current, steps=24)
+    return levels, high
 
 
 def _smallest_meeting(ok: Callable[[float], bool], high: float, *, steps: int) -> float:

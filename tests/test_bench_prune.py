@@ -56,3 +56,11 @@ def test_fixed_target_rows_show_the_target_and_only_the_reconstruction_run(bench
     assert cells[:2] == ["resnet20", "MACs 0.7"]
     assert cells[2:8] == ["n/a", "", "", "n/a", "", ""]
     assert cells[8:] == ["0.688", "0.71x", "69.61%"]
+
+
+def test_the_allocation_auto_chose_is_named_in_the_quality_cell(bench_prune):
+    row = {"key": "squeezenet", "baseline": {"primary": {"name": "top-1", "value": 0.6, "text": "60.00%"}}}
+    cell = {"status": "ok", "macs_ratio": 0.79, "latency_ratio": 0.8, "quality": _quality("54.00%"),
+            "allocation": {"chosen": "marginal", "candidates": {}}}
+    assert bench_prune._cells(row, cell) == ["0.790", "0.80x", "54.00% (marginal)"]
+    assert bench_prune._cells(row, dict(cell, allocation=None))[2] == "54.00%"

@@ -225,14 +225,16 @@ def test_cli_bad_budget_exits_2_without_output(tmp_path, cli, args):
     assert not out.exists()
 
 
-def test_sensitivity_allocation_meets_the_target_with_the_allocated_ratios():
+@pytest.mark.parametrize("allocation", ["sensitivity", "marginal"])
+def test_measured_allocation_meets_the_target_with_the_allocated_ratios(allocation):
     proto = test_models.build("resnet_bottleneck_block")
     calib = _calibration(proto, 16)
-    out, report = _prune(proto, calib, target_macs=0.6, allocation="sensitivity", round_to=1, recovery="bias")
+    out, report = _prune(proto, calib, target_macs=0.6, allocation=allocation, round_to=1, recovery="bias")
     assert report.after.macs / report.before.macs <= 0.6 + 1e-9
     details = report.details["sensitivity"]
-    levels = details["allocation"]["levels"]
-    assert details["allocation"]["reached"] and len(details["curves"]) == len(levels) >= 2
+    assert list(details["allocations"]) == [allocation]
+    levels = details["allocations"][allocation]["levels"]
+    assert details["allocations"][allocation]["reached"] and len(details["curves"]) == len(levels) >= 2
     assert len(set(round(v, 6) for v in levels.values())) > 1  # not one ratio everywhere
     rows = {tuple(r["sources"]): r for r in report.details["groups"]}
     for curve in details["curves"]:  # each group lost exactly its allocated share (the recipe path)
@@ -254,10 +256,37 @@ def test_sensitivity_curves_are_measured_with_the_pass_recovery():
     assert total["lsq"] < 0.8 * total["bias"], total
 
 
+def test_auto_allocation_keeps_the_candidate_with_the_lowest_calibration_loss():
+    from onnxslim_cv.sensitivity import ReferenceOutputs
+
+    proto = test_models.build("resnet_bottleneck_block")
+    calib = _calibration(proto, 16)
+    out, report = _prune(proto, calib, target_macs=0.6, round_to=1)  # allocation auto is the default
+    details = report.details["allocation"]
+    rows = details["candidates"]
+    assert list(rows) == ["ranking", "sensitivity", "marginal"] and details["samples"] == 16
+    assert details["chosen"] == min(rows, key=lambda name: rows[name]["cosine"])
+    assert f"allocation {details['chosen']}," in report.notes[-1]
+    assert report.after.macs / report.before.macs <= 0.6 + 1e-9
+    # the emitted model is the chosen candidate itself: same loss against the folded original
+    folded, _ = run_passes(Model.from_proto(proto), make_passes(["fold"], {}), context=PassContext(progress=False))
+    loss = ReferenceOutputs(folded, calib).loss(out)["cosine"]
+    assert loss == pytest.approx(rows[details["chosen"]]["cosine"], rel=1e-5, abs=1e-9)
+    assert any(r["layer"] for r in report.details["reconstruction"])
+
+
+def test_auto_allocation_is_the_ranking_without_data_or_without_a_macs_target():
+    proto = test_models.build("resnet_bottleneck_block")
+    _, report = _prune(proto, None, target_macs=0.6, round_to=1)
+    assert "allocation ranking," in report.notes[-1] and "allocation" not in report.details
+    _, report = _prune(proto, _calibration(proto, 8), ratio=0.3, round_to=1)
+    assert "allocation" not in report.notes[-1] and "sensitivity" not in report.details
+
+
 def test_sensitivity_allocation_needs_a_macs_target_and_calibration_data():
     with pytest.raises(UserError, match="--prune-target-macs"):
         make_passes(["prune"], {"prune": {"ratio": 0.5, "allocation": "sensitivity"}})
     with pytest.raises(UserError, match="needs calibration data"):
         _prune(test_models.build("conv_chain"), None, target_macs=0.6, allocation="sensitivity")
-    with pytest.raises(UserError, match="choose one of ranking, sensitivity"):
+    with pytest.raises(UserError, match="choose one of auto, ranking, sensitivity, marginal"):
         make_passes(["prune"], {"prune": {"target_macs": 0.6, "allocation": "aimet"}})

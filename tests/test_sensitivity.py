@@ -163,7 +163,7 @@ def test_group_loss_is_what_prune_with_bias_recovery_does(digits, tmp_path):
     options = {"ratio": 0.0, "round_to": 1, "criterion": "l2", "recovery": "bias", "recipe": str(recipe)}
     pruned, reports = run_passes(model, make_passes(["prune"], {"prune": options}), context=PassContext(calibration=data, progress=False))
     assert reports[0].changes["groups pruned"] == 1
-    reference = sensitivity._Reference(model, data, False)
+    reference = sensitivity.ReferenceOutputs(model, data, False)
     assert reference.loss(pruned)["cosine"] == pytest.approx(curve.loss["cosine"][1], rel=1e-6)
 
 
@@ -223,6 +223,58 @@ def test_flat_curves_meet_the_target_instead_of_overshooting():
     # and past the flat stretch the steeper curve gets less
     beyond = allocate(curves, target=0.6)
     assert beyond.achieved == pytest.approx(0.6, abs=1e-6) and beyond["a"] > beyond["b"] > 0.5
+
+
+def _summed_loss(curves, allocation):
+    return sum(float(np.interp(allocation[c.name], c.levels, c.loss["cosine"])) for c in curves)
+
+
+def test_marginal_rule_spends_the_budget_where_it_saves_most_per_unit_of_loss():
+    levels = [0.0, 0.25, 0.5, 0.75]
+    # "big" saves 100 MACs per step at +0.02 loss, "small" 10 MACs at +0.005: per MAC, big is cheaper
+    big = SensitivityCurve("big", "group", levels, {"cosine": [0, 0.02, 0.04, 0.06]}, 10, 400, macs_at=[1000, 900, 800, 700], group=0)
+    small = SensitivityCurve("small", "group", levels, {"cosine": [0, 0.005, 0.01, 0.015]}, 10, 40, macs_at=[1000, 990, 980, 970], group=1)
+    equal = allocate([big, small], target=0.8, cost="macs")
+    marginal = allocate([big, small], target=0.8, cost="macs", rule="marginal")
+    assert marginal.rule == "marginal" and marginal.to_dict()["rule"] == "marginal" and equal.rule == "equal"
+    assert marginal.achieved == pytest.approx(0.8, abs=1e-6) and marginal.reached
+    assert dict(marginal) == pytest.approx({"big": 0.5, "small": 0.0})
+    assert equal["small"] == 0.75  # equal loss spends the flat curve first
+    assert _summed_loss([big, small], marginal) == pytest.approx(0.04)
+    assert _summed_loss([big, small], marginal) < _summed_loss([big, small], equal) - 0.005
+
+
+def test_marginal_rule_on_layers_meets_the_target_with_no_more_loss_than_equal():
+    curves = [
+        _curve("flat", [0, 0.001, 0.002, 0.004], params=300),
+        _curve("medium", [0, 0.01, 0.02, 0.04], params=100),
+        _curve("steep", [0, 0.1, 0.2, 0.4], params=100),
+    ]
+    for target in (0.2, 0.5, 0.6):
+        equal = allocate(curves, target=target)
+        marginal = allocate(curves, target=target, rule="marginal")
+        assert marginal.achieved == pytest.approx(target, abs=1e-6)
+        assert _summed_loss(curves, marginal) <= _summed_loss(curves, equal) + 1e-9
+
+
+def test_marginal_rule_hands_an_overshoot_back():
+    # counted with rounding (whole steps of 0.25), "b"'s first step overshoots the target; once it
+    # is taken, "a"'s cheaper step is no longer needed and is handed back
+    levels = [0.0, 0.25, 0.5, 0.75]
+    a = SensitivityCurve("a", "group", levels, {"cosine": [0, 0.01, 0.05, 0.2]}, 10, 300, macs_at=[1000, 900, 800, 700], group=0)
+    b = SensitivityCurve("b", "group", levels, {"cosine": [0, 0.03, 0.2, 0.5]}, 10, 600, macs_at=[1000, 800, 600, 400], group=1)
+
+    def rounded(allocation):
+        steps = {name: np.floor(value * 4 + 1e-9) for name, value in allocation.items()}
+        return 1 - 0.1 * steps["a"] - 0.2 * steps["b"]
+
+    result = allocate([a, b], target=0.85, cost="macs", achieved=rounded, rule="marginal")
+    assert dict(result) == pytest.approx({"a": 0.0, "b": 0.25}) and result.achieved == pytest.approx(0.8)
+
+
+def test_unknown_allocation_rule_is_a_user_error():
+    with pytest.raises(UserError, match="choose one of equal, marginal"):
+        allocate([_curve("a", [0, 0.1, 0.2, 0.3])], target=0.3, rule="greedy")
 
 
 def test_group_allocation_counts_macs():

@@ -3,7 +3,7 @@
 
     python tools/bench_prune.py [--models resnet20,squeezenet] [--ratios 0.1,0.3] [--samples 256]
                                 [--eval-limit 200] [--latency-seconds 2] [--markdown out.md] [--json out.json]
-                                [--allocation ranking|sensitivity] [--target-macs 0.8,0.7]
+                                [--allocation auto|ranking|sensitivity|marginal] [--target-macs 0.8,0.7]
 
 For every model and ratio R, three runs of ``fold,prune`` on the model as loaded (dynamic
 models at the zoo's fixed input shape):
@@ -17,7 +17,9 @@ models at the zoo's fixed input shape):
 3. **ours + reconstruction**: the same target with calibration data (``recovery=auto`` =
    least-squares refit; groups are then also allocated by calibrated output error).
 
-``--allocation`` sets the third run's ``allocation`` (default: the pass default, ranking).
+``--allocation`` sets the third run's ``allocation`` (default: the pass default, auto, which
+prunes with every allocation and keeps the one with the lowest calibration loss; the
+quality cell then names the one chosen).
 ``--target-macs F,...`` replaces the ratios by fixed MACs targets and runs only the third
 method at each (the issue's quality targets are stated that way).
 
@@ -48,6 +50,7 @@ from evaluate import evaluate  # noqa: E402
 from onnxslim_cv.errors import UserError  # noqa: E402
 from onnxslim_cv.model_io import load_model, save_model  # noqa: E402
 from onnxslim_cv.pipeline import PassContext, make_passes, run_passes  # noqa: E402
+from onnxslim_cv.passes import prune as prune_pass  # noqa: E402
 from onnxslim_cv.testing import zoo  # noqa: E402
 
 DEFAULT_MODELS = ("squeezenet", "resnet20", "ppocr_cls", "ppocr_det", "ultraface", "fastestdet")
@@ -116,6 +119,7 @@ def run_cell(
         notes=report.notes,
         warnings=[w for r in reports for w in r.warnings],
         estimated_macs_ratio=report.details.get("estimated_macs_ratio"),
+        allocation=report.details.get("allocation"),
     )
     try:
         output = folder / f"{entry.key}.{name}.onnx"
@@ -219,6 +223,8 @@ def _cells(row: Dict[str, Any], cell: Dict[str, Any]) -> List[str]:
     macs = "n/a" if cell.get("macs_ratio") is None else f"{cell['macs_ratio']:.3f}"
     latency = "n/a" if cell.get("latency_ratio") is None else f"{cell['latency_ratio']:.2f}x"
     quality = quality_text(row, cell) if status == "ok" else f"error: {cell['error'][:80]}"
+    if status == "ok" and cell.get("allocation"):
+        quality += f" ({cell['allocation']['chosen']})"
     return [macs, latency, quality]
 
 
@@ -269,7 +275,8 @@ def render(rows: List[Dict[str, Any]], args, wall: float) -> str:
         "eval samples of the zoo pool. L1 = `ratio=R, criterion=l1, recovery=none, round_to=1` without "
         "calibration; ours = `target_macs=<L1's MACs ratio>, recovery=none` (default criterion, round_to auto) "
         "without calibration; ours + reconstruction = the same target with calibration samples disjoint from "
-        f"the evaluation ones (recovery auto = lsq, allocation {args.allocation or 'ranking'}). "
+        f"the evaluation ones (recovery auto = lsq, allocation {args.allocation or 'auto'}; under auto, the one chosen is "
+        "in brackets). "
         f"Wall time {wall / 60:.1f} min.",
     ])
 
@@ -299,8 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "minus the calibration samples)")
     parser.add_argument("--latency-seconds", type=float, default=DEFAULT_LATENCY_SECONDS, metavar="S",
                         help="latency measurement time per pruned model (default %(default)s)")
-    parser.add_argument("--allocation", choices=("ranking", "sensitivity"),
-                        help="allocation of the 'ours + reconstruction' runs (default: the pass default, ranking)")
+    parser.add_argument("--allocation", choices=prune_pass.ALLOCATIONS,
+                        help="allocation of the 'ours + reconstruction' runs (default: the pass default, auto)")
     parser.add_argument("--target-macs", metavar="F,...",
                         help="instead of the ratios: run only 'ours + reconstruction' at these MACs targets")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to this markdown file")
