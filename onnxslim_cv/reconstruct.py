@@ -224,14 +224,21 @@ def reconstruct(
     dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), input_names)) if todo else False
     original_session = activations.tap_session(original, input_names, dynamic_batch=dynamic_batch) if todo else None
     rng = np.random.default_rng(seed)
-    for stage in stages:
+    for index, stage in enumerate(stages):
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
         pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch)
         size = activations.session_batch_size(pruned_session, batch_size)
         batches = data.batches(size) if hasattr(data, "batches") else iter(data)
+        kept = {orig_nodes[n].inputs[0].name: (by_name[n].in_keep, -1 if orig_nodes[n].op == "MatMul" else 1) for n in stage}
+        sliced = None  # the first stage's pruned inputs are usually the original ones minus channels
         for feed in batches:
             reference = dict(zip(names, runtime.run(original_session, feed, names)))
-            current = dict(zip(names, runtime.run(pruned_session, feed, names)))
+            if sliced:
+                current = {name: np.compress(keep, reference[name], axis) for name, (keep, axis) in kept.items()}
+            else:
+                current = dict(zip(names, runtime.run(pruned_session, feed, names)))
+                if sliced is None:
+                    sliced = index == 0 and all(_is_slice(reference[name], current[name], *kept[name]) for name in names)
             for name in stage:
                 _accumulate(by_name[name], orig_nodes[name], reference, current, rng, positions_per_sample)
         for name in stage:
@@ -239,6 +246,22 @@ def reconstruct(
         if progress is not None:
             progress.update(1)
     return list(consumers)
+
+
+def _is_slice(full: np.ndarray, part: np.ndarray, keep: np.ndarray, axis: int) -> bool:
+    """True when ``part`` is ``full`` without the dropped channels (up to float noise).
+
+    Checked on one batch, it lets the first stage skip the pruned model's runs: nothing
+    upstream was refit yet, so removal alone changed its inputs, unless an op mixes channels
+    (a LayerNormalization over them, say), which this check catches.
+    """
+    if full.ndim != part.ndim or full.shape[axis] != keep.size:
+        return False
+    expected = np.compress(keep, full, axis)
+    if expected.shape != part.shape:
+        return False
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    return bool(np.all(np.abs(expected - part) <= 1e-5 * scale + 1e-7))
 
 
 def refit_or_compensate(

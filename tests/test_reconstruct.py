@@ -108,3 +108,33 @@ def test_conv_transpose_bias_compensation_adds_the_lost_mean(kernel, exact):
         assert after < 1e-5 * max(before, 1.0)
     else:  # one bias per channel for 4 taps of different shifts: the mean of them
         assert after < 0.9 * before
+
+
+def test_is_slice_accepts_removal_alone_and_rejects_mixed_channels():
+    from onnxslim_cv.reconstruct import _is_slice
+
+    full = np.random.default_rng(0).normal(size=(2, 4, 3, 3)).astype(np.float32)
+    keep = np.array([True, False, True, True])
+    assert _is_slice(full, full[:, keep] + 1e-9, keep, 1)
+    normalised = full[:, keep] / np.linalg.norm(full[:, keep], axis=1, keepdims=True)  # as a norm over channels does
+    assert not _is_slice(full, normalised, keep, 1)
+    assert not _is_slice(full, full[:, keep][:, :2], keep, 1)
+    assert not _is_slice(full, full[:, keep], keep[:3], 1)
+
+
+def test_first_stage_from_sliced_original_activations_fits_as_the_pruned_runs_do(monkeypatch):
+    import onnxslim_cv.reconstruct as R
+
+    proto = _redundant_then_deconv(4, 2, pad=1)
+    fits = {}
+    for shortcut in (True, False):
+        original, pruned, consumers = _remove_channel_3(proto)
+        calls = []
+        real = R._is_slice if shortcut else (lambda *a: False)
+        monkeypatch.setattr(R, "_is_slice", lambda *a: calls.append(real(*a)) or calls[-1])
+        reconstruct(original, pruned, consumers, _data(original, count=48))  # 3 batches: 2 from the slice
+        assert calls == [shortcut]  # checked once, on the first batch
+        fits[shortcut] = {t.name: t.values.copy() for t in pruned.constants()}
+    assert fits[True].keys() == fits[False].keys()
+    for name in fits[True]:
+        np.testing.assert_allclose(fits[True][name], fits[False][name], rtol=1e-4, atol=1e-6)
