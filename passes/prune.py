@@ -5,7 +5,10 @@ propagated to every coupled tensor by :mod:`onnxslim_cv.depgraph`. The pass
 
 1. scores every removable unit by ``--prune-criterion`` (aggregated over all its members);
 2. decides how many units each group keeps: the same fraction everywhere (``--prune-ratio``)
-   or a global ranking until ``--prune-target-macs`` is met; counts are rounded *up* to a
+   or, to meet ``--prune-target-macs``, by ``--prune-allocation``: a global ranking, or ratios
+   from each group's measured loss curve (equal loss, or least summed loss); ``auto`` (the
+   default with calibration data) tries all three and keeps the model closest to the original
+   on the calibration samples. Counts are rounded *up* to a
    multiple of ``--prune-round-to`` (onnxruntime's blocked conv kernels work in blocks of 16
    channels on AVX-512 and 8 on AVX2; 24 channels cost as much as 32) so latency follows MACs;
 3. removes them physically; and, with calibration data,
@@ -239,6 +242,8 @@ class PrunePass(Pass):
                                           config, context, report, [allocation] if allocation != "auto" else list(MEASURED_ALLOCATIONS))
                 )
             candidates = {name: _keep_every_tensor_alive(dg, removed, scores) for name, removed in candidates.items()}
+            if allocation == "auto" and len({tuple(removed) for removed in candidates.values()}) == 1:
+                allocation = next(iter(candidates))  # nothing to compare
             if allocation == "auto":
                 allocation, chosen = _choose_allocation(model, dg, candidates, data, recovery, means, context, report)
             removed = candidates[allocation]

@@ -283,6 +283,15 @@ def test_auto_allocation_is_the_ranking_without_data_or_without_a_macs_target():
     assert "allocation" not in report.notes[-1] and "sensitivity" not in report.details
 
 
+def test_auto_allocation_with_every_group_set_by_the_recipe_has_nothing_to_compare(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"target_macs": 0.9, "round_to": 1, "groups": {".": 0.5}}))
+    proto = test_models.build("resnet_bottleneck_block")
+    _, report = _prune(proto, _calibration(proto, 8), recipe=str(recipe))
+    assert "allocation ranking," in report.notes[-1]
+    assert "allocation" not in report.details and "sensitivity" not in report.details
+
+
 def test_sensitivity_allocation_needs_a_macs_target_and_calibration_data():
     with pytest.raises(UserError, match="--prune-target-macs"):
         make_passes(["prune"], {"prune": {"ratio": 0.5, "allocation": "sensitivity"}})
