@@ -4,30 +4,25 @@ MNIST (skipped when the shared models folder is absent)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
 
 from onnxslim_cv.testing import zoo
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from .conftest import TOOLS, load_tool
+
 SCRIPT = TOOLS / "bench_lowrank.py"
 
 
 @pytest.fixture(scope="module")
 def bench_lowrank():
-    spec = importlib.util.spec_from_file_location("bench_lowrank", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_lowrank", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_lowrank")
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,22 +3,14 @@ hand-made rows (no shared models needed)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "bench_prune.py"
+from .conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench_prune():
-    spec = importlib.util.spec_from_file_location("bench_prune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_prune", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_prune")
 
 
 def test_only_the_reconstruction_run_gets_the_allocation(bench_prune):

@@ -3,24 +3,16 @@ run on a shared model (skipped when the shared models folder is absent)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from onnxslim_cv.testing import zoo
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from .conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench_quant():
-    spec = importlib.util.spec_from_file_location("bench_quant", TOOLS / "bench_quant.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_quant", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_quant")
 
 
 def _cell(value, text, r1, r2, seconds=0.5, size=300_000):

@@ -3,27 +3,22 @@ absent) and the exit status without the shared folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from onnxslim_cv.testing import zoo
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from .conftest import TOOLS, load_tool
+
 SCRIPT = TOOLS / "bench_sparsify.py"
 
 
 @pytest.fixture(scope="module")
 def bench_sparsify():
-    spec = importlib.util.spec_from_file_location("bench_sparsify", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_sparsify", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_sparsify")
 
 
 @pytest.mark.shared
