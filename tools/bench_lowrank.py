@@ -135,16 +135,6 @@ def forms_text(forms: Dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in forms.items()) if forms else "–"
 
 
-def run_lowrank(model, options: Dict[str, Any], calibration):
-    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
-
-    with benchlib.stdout_to_stderr():
-        passes = make_passes(["lowrank"], {"lowrank": dict(options)})
-        context = PassContext(calibration=calibration, progress=False, seed=SEED)
-        result, reports = run_passes(model, passes, context=context, measure=True)
-    return result, reports[-1]
-
-
 def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: Path, run: Dict[str, Any],
              calibration, *, classifier: bool, eval_n: int, calib_n: int, latency_seconds: float) -> Dict[str, Any]:
     """One lowrank run, written, measured and evaluated; never raises (a failure is a result)."""
@@ -160,7 +150,8 @@ def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: 
     started = time.perf_counter()
     try:
         try:
-            result, report = run_lowrank(model, cell["options"], calibration if run["method"] == "data" else None)
+            result, report = benchlib.run_pass(model, "lowrank", cell["options"],
+                                               calibration if run["method"] == "data" else None, seed=SEED, measure=True)
         except UserError as exc:
             if "unreachable" in str(exc):
                 cell.update(status="unreachable", error=benchlib.error_text(exc))

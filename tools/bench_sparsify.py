@@ -229,16 +229,6 @@ SEED = 0
 """``PassContext.seed`` of every run (``--seed``): which conv positions the Hessians sample."""
 
 
-def run_sparsify(model, options: Dict[str, Any], calibration):
-    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
-
-    with benchlib.stdout_to_stderr():
-        passes = make_passes(["sparsify"], {"sparsify": dict(options)})
-        context = PassContext(calibration=calibration, progress=False, seed=SEED)
-        result, reports = run_passes(model, passes, context=context, measure=False)
-    return result, reports[-1]
-
-
 def run_cell(entry, data, model, fp32_path: Path, folder: Path, run: Dict[str, Any], calibration, *,
              classifier: bool, eval_n: int, calib_n: int, eligible, feed) -> Dict[str, Any]:
     """One sparsify run, written, checked and evaluated; never raises (a failure is a result)."""
@@ -253,7 +243,7 @@ def run_cell(entry, data, model, fp32_path: Path, folder: Path, run: Dict[str, A
     stage = "sparsify"
     started = time.perf_counter()
     try:
-        result, report = run_sparsify(model, cell["options"], calibration)
+        result, report = benchlib.run_pass(model, "sparsify", cell["options"], calibration, seed=SEED, measure=False)
         cell.update(pass_seconds=report.seconds, changes=report.changes, notes=report.notes,
                     warnings=report.warnings)
         details = report.details

@@ -270,6 +270,17 @@ def prepare_fp32(entry: zoo.SharedModel, path: Path):
     return folded
 
 
+def run_pass(model, name: str, options: Dict[str, Any], calibration, *, seed: int, measure: bool):
+    """One pass on ``model`` with ``options`` (its prints to stderr): the result and its report."""
+    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+
+    with stdout_to_stderr():
+        passes = make_passes([name], {name: dict(options)})
+        context = PassContext(calibration=calibration, progress=False, seed=seed)
+        result, reports = run_passes(model, passes, context=context, measure=measure)
+    return result, reports[-1]
+
+
 def quality_of(classifier: bool, quality: Dict[str, Any]) -> Tuple[Optional[float], str, str]:
     """(value, text, metric name): top-1 for classifiers, the agreement with fp32 otherwise."""
     primary = quality["primary"] if classifier else quality.get("agreement_primary")
