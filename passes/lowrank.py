@@ -10,11 +10,14 @@ the fewest MACs at equal error):
 - ``--rank-ratio R``: keep at most R of each factored layer's MACs;
 - ``--energy E``: keep at least E of each layer's energy (``1 -`` relative error: the
   singular-value energy for plain SVD, the output energy when data-aware);
-- ``--target-macs F``: keep F of the whole model's MACs, per-layer budgets chosen by equal
-  degradation (:func:`onnxslim_cv.sensitivity.allocate`) over either each layer's relative
-  error (``--lowrank-allocation error``) or the loss measured at the model outputs with only
-  that layer factored (``sensitivity``, the default with ``--calib``; the analysis of
-  ``onnxslim-cv analyze``).
+- ``--target-macs F``: keep F of the whole model's MACs, per-layer budgets chosen
+  (:func:`onnxslim_cv.sensitivity.allocate`) from curves of either each layer's relative
+  error (``--lowrank-allocation error``, equal error per layer) or the loss measured at the
+  model outputs with only that layer factored (the analysis of ``onnxslim-cv analyze``):
+  ``sensitivity`` gives every layer the same loss, ``marginal`` the least summed loss, so a
+  big layer with a moderate loss gives more than a small one with a flat curve. ``auto`` (the
+  default with ``--calib``) factors by all three and keeps the model whose outputs are
+  closest to the original's on the calibration samples.
 
 With ``--calib`` (``--lowrank-method data``) everything is data-aware: candidates are ranked
 by their output error in the metric of the layer's input moment (whitened SVD), and the
@@ -45,12 +48,19 @@ from onnxslim_cv.reconstruct import _add_bias_after, conv_geometry
 from onnxslim_cv.sparsity import SparseLayer, sparsifiable_layers
 
 METHODS = ("auto", "weight", "data")
-ALLOCATIONS = ("auto", "error", "sensitivity")
+ALLOCATIONS = ("auto", "error", "sensitivity", "marginal")
+MEASURED_RULES = {"sensitivity": "equal", "marginal": "marginal"}  # allocation -> sensitivity.allocate rule
+AUTO_CANDIDATES = ("marginal", "sensitivity", "error")  # compared by ``auto`` (ties: the first)
 LEVELS = tuple(round(0.1 * k, 2) for k in range(1, 10))
 """Fractions of a layer's MACs removed at which allocation curves are measured; a level between
 two of them takes the lower one's factorization (the curves interpolate linearly, so the loss
 they promise is never below the real one)."""
 SENSITIVITY_SAMPLES = 64
+_ALLOCATION_TEXT = {
+    "marginal": "least summed output loss (cosine, {samples} samples)",
+    "sensitivity": "equal output loss (cosine, {samples} samples)",
+    "error": "equal relative layer error",
+}
 MAX_METRIC_COLUMNS = 4608
 """Layers with wider inputs (a Gemm on 25088 features) are factored in the weight metric: their
 input moment would not fit in memory."""
@@ -100,6 +110,24 @@ class LowRankLayer:
     @property
     def node(self) -> str:
         return self.layer.node
+
+
+@dataclass
+class RankPlan:
+    """One allocation's choice for every allocated layer (None: left alone) and its report entry."""
+
+    choices: Dict[str, Optional[Candidate]]
+    details: Dict[str, Any]
+
+    def key(self) -> Tuple:
+        return tuple(sorted((node, None if c is None else (c.form, tuple(c.ranks))) for node, c in self.choices.items()))
+
+
+def _apply_plan(layers: Sequence[LowRankLayer], plan: RankPlan) -> None:
+    for item in layers:
+        if item.node in plan.choices:
+            item.chosen = plan.choices[item.node]
+            item.error = item.error_factored = float("nan")
 
 
 def natural_weight(layer: SparseLayer, weight: np.ndarray) -> np.ndarray:
@@ -201,10 +229,18 @@ class LowRankPass(Pass):
     options = (
         PassOption("rank_ratio", None, "keep at most R of each factored layer's MACs, in (0, 1]", unit_fraction, metavar="R", aliases=("--rank-ratio",)),
         PassOption("energy", None, "keep at least E of each layer's energy (1 - relative error; output energy with --calib), in (0, 1]", unit_fraction, metavar="E", aliases=("--energy",)),
-        PassOption("target_macs", None, "keep F of the whole model's MACs, per-layer ranks by equal degradation, in (0, 1]", unit_fraction, metavar="F", aliases=("--target-macs",)),
+        PassOption("target_macs", None, "keep F of the whole model's MACs, per-layer ranks from --lowrank-allocation, in (0, 1]", unit_fraction, metavar="F", aliases=("--target-macs",)),
         PassOption("forms", "auto", "factorizations to consider: auto (all) or a comma list of svd, spatial, tucker2", _forms, metavar="LIST"),
         PassOption("method", "auto", "data: whitened by the input moment and refit on --calib activations; weight: plain weight SVD; auto = data with --calib", str, choices=METHODS),
-        PassOption("allocation", "auto", "--target-macs budgets from: sensitivity (output loss with one layer factored, needs --calib), error (each layer's relative error); auto = sensitivity with --calib", str, choices=ALLOCATIONS),
+        PassOption(
+            "allocation",
+            "auto",
+            "--target-macs budgets from the output loss with one layer factored (needs --calib): marginal (least summed loss), "
+            "sensitivity (equal loss per layer); or error (equal relative layer error, no data); auto = with --calib, factor by all three "
+            "and keep the model closest to the original on the calibration samples, else error",
+            str,
+            choices=ALLOCATIONS,
+        ),
         PassOption("round_to", 4, "ranks are multiples of this (layers narrower than it take any rank)", positive_int, metavar="N"),
         PassOption("min_saving", 0.1, "factor a layer only if that removes at least this fraction of its MACs and of its estimated onnxruntime time (a smaller gain is lost to the extra layer)", _fraction, metavar="S"),
         PassOption("include_last", False, "also factor the last layers (classifier / box heads, no weight layer after them): output-level losses under-weight them", is_switch=True),
@@ -237,9 +273,10 @@ class LowRankPass(Pass):
             raise UserError("lowrank: --lowrank-method data needs calibration data (--calib)")
         allocation = config["allocation"]
         if allocation == "auto":
-            allocation = "sensitivity" if context.calibration is not None else "error"
-        if allocation == "sensitivity" and context.calibration is None and config["target_macs"] is not None:
-            raise UserError("lowrank: --lowrank-allocation sensitivity needs calibration data (--calib)")
+            # with data and a model-wide target, factor by every rule and keep the closest outputs
+            allocation = "error" if context.calibration is None else "auto" if method == "data" else "marginal"
+        if allocation in MEASURED_RULES and context.calibration is None and config["target_macs"] is not None:
+            raise UserError(f"lowrank: --lowrank-allocation {allocation} needs calibration data (--calib)")
 
         folded = FoldPass().run(model, context)  # BN folded first: the factors are of the deployed weights
         if folded.changes:
@@ -263,17 +300,22 @@ class LowRankPass(Pass):
         data = context.calibration.limited(config["samples"]) if method == "data" else None
         self._candidates(model, layers, data, context, report)
         model_macs = _per_sample_macs(model_stats(model), layers)  # layer shapes count one sample
-        self._choose(model, layers, model_macs, allocation, context, report)
-        chosen = [item for item in layers if item.chosen is not None]
+        plans = self._choose(model, layers, model_macs, allocation, context, report)
+        if len(plans) > 1:
+            self._factor_best(model, layers, plans, data, context, report)
+        else:
+            for plan in plans.values():
+                _apply_plan(layers, plan)
+                self._report_plan(report, plan)
+            chosen = [item for item in layers if item.chosen is not None]
+            if chosen and method == "data":
+                self._factor_on_data(model, chosen, data, context)
+            elif chosen:
+                for item in chosen:
+                    self._factor_plain(model, item)
         for item in layers:
             if item.chosen is None and item.note:
                 skipped[item.node] = item.note
-        if chosen:
-            if method == "data":
-                self._factor_on_data(model, chosen, data, context)
-            else:
-                for item in chosen:
-                    self._factor_plain(model, item)
         self._fill_report(report, layers, skipped, method, model_macs)
         return report
 
@@ -327,7 +369,9 @@ class LowRankPass(Pass):
         return choice
 
     def _choose(self, model: Model, layers: List[LowRankLayer], model_macs: int, allocation: str,
-                context: PassContext, report: PassReport) -> None:
+                context: PassContext, report: PassReport) -> Dict[str, "RankPlan"]:
+        """Sets ``item.chosen`` for the per-layer budgets; for ``--target-macs`` returns each
+        allocation's plan (layer -> candidate) instead: one, or several for ``auto`` to compare."""
         config = self.config
         usable = [item for item in layers if item.front]
         if config["rank_ratio"] is not None:
@@ -335,7 +379,7 @@ class LowRankPass(Pass):
                 item.chosen = self._limit(item, config["rank_ratio"] * item.shape.macs)
                 if item.chosen is None:
                     item.note = f"no factorization keeps at most {config['rank_ratio']:g} of its MACs while saving {config['min_saving']:.0%}"
-            return
+            return {}
         if config["energy"] is not None:
             for item in usable:
                 choice = factorize.cheapest_within(item.front, 1.0 - config["energy"])
@@ -344,18 +388,20 @@ class LowRankPass(Pass):
                 item.chosen = choice
                 if choice is None:
                     item.note = f"keeping {config['energy']:g} of its energy saves less than {config['min_saving']:.0%} of its MACs"
-            return
-        self._allocate(model, usable, model_macs, allocation, context, report)
+            return {}
+        return self._allocate(model, usable, model_macs, allocation, context, report)
 
     def _allocate(self, model: Model, usable: List[LowRankLayer], model_macs: int, allocation: str,
-                  context: PassContext, report: PassReport) -> None:
+                  context: PassContext, report: PassReport) -> Dict[str, "RankPlan"]:
         from onnxslim_cv import sensitivity
 
         target = self.config["target_macs"]
         if not usable or model_macs <= 0:
-            return
+            return {}
         levels = [0.0] + list(LEVELS)
-        if allocation == "sensitivity":
+        names = list(AUTO_CANDIDATES) if allocation == "auto" else [allocation]
+        curves_of: Dict[str, list] = {}
+        if any(name in MEASURED_RULES for name in names):
             by_weight = {item.layer.weight: item for item in usable}
 
             def weights_at(layer, weight, wanted):
@@ -371,19 +417,18 @@ class LowRankPass(Pass):
                 return result
 
             with _bar(context, len(usable), "lowrank: sensitivity", "layer") as bar:
-                curves = sensitivity.analyze_layers(model, context.calibration.limited(SENSITIVITY_SAMPLES), sparsities=levels,
-                                                    layers=[item.layer for item in usable], progress=bar, weights_at=weights_at)
-            metric = "cosine"
-        else:
-            curves = []
+                measured = sensitivity.analyze_layers(model, context.calibration.limited(SENSITIVITY_SAMPLES), sparsities=levels,
+                                                      layers=[item.layer for item in usable], progress=bar, weights_at=weights_at)
+            curves_of.update({name: measured for name in names if name in MEASURED_RULES})
+        if "error" in names:
+            curves_of["error"] = []
             for item in usable:
                 loss = []
                 for level in levels:
                     choice = self._at_level(item, level)
                     loss.append(0.0 if choice is None else float(choice.error))
-                curves.append(sensitivity.SensitivityCurve(item.node, "layer", list(levels), {"cosine": loss},
-                                                           item.layer.params, item.shape.macs, [item.layer.weight], item.layer.op))
-            metric = "cosine"
+                curves_of["error"].append(sensitivity.SensitivityCurve(item.node, "layer", list(levels), {"cosine": loss},
+                                                                       item.layer.params, item.shape.macs, [item.layer.weight], item.layer.op))
         items = {item.node: item for item in usable}
 
         def removed(chosen_levels: Dict[str, float]) -> float:
@@ -400,19 +445,78 @@ class LowRankPass(Pass):
                 f"lowrank: --target-macs {target:g} is unreachable: factoring every eligible layer at its smallest rank "
                 f"keeps {1.0 - most:.3f} of the model's MACs ({len(usable)} layers eligible)"
             )
-        result = sensitivity.allocate(curves, target=max(0.0, 1.0 - target), metric=metric, cost="macs",
-                                      max_level=max(LEVELS), achieved=removed)
-        for item in usable:
-            item.chosen = self._at_level(item, float(result.get(item.node, 0.0)))
-        report.details["allocation"] = {
-            "by": allocation,
-            "target_macs": target,
-            "kept_macs": round(1.0 - result.achieved, 4),
-            "curves": [curve.to_dict() for curve in curves],
-        }
+        plans = {}
+        for name in names:
+            result = sensitivity.allocate(curves_of[name], target=max(0.0, 1.0 - target), metric="cosine", cost="macs",
+                                          max_level=max(LEVELS), achieved=removed, rule=MEASURED_RULES.get(name, "equal"))
+            plans[name] = RankPlan(
+                {item.node: self._at_level(item, float(result.get(item.node, 0.0))) for item in usable},
+                {
+                    "by": name,
+                    "rule": result.rule,
+                    "levels": {node: round(float(level), 4) for node, level in result.items()},
+                    "target_macs": target,
+                    "kept_macs": round(1.0 - result.achieved, 4),
+                    "curves": [curve.to_dict() for curve in curves_of[name]],
+                },
+            )
+        return plans
+
+    def _report_plan(self, report: PassReport, plan: "RankPlan", extra: Optional[Dict[str, Any]] = None) -> None:
+        details = dict(plan.details, **(extra or {}))
+        report.details["allocation"] = details
         report.notes.append(
-            f"--target-macs {target:g}: per-layer budgets by equal {'output loss (cosine, %d samples)' % SENSITIVITY_SAMPLES if allocation == 'sensitivity' else 'relative layer error'}; "
-            f"model keeps {1.0 - result.achieved:.3f} of its MACs"
+            f"--target-macs {details['target_macs']:g}: per-layer budgets by {_ALLOCATION_TEXT[details['by']].format(samples=SENSITIVITY_SAMPLES)}; "
+            f"model keeps {details['kept_macs']:.3f} of its MACs"
+        )
+
+    def _factor_best(self, model: Model, layers: List[LowRankLayer], plans: Dict[str, "RankPlan"], data,
+                     context: PassContext, report: PassReport) -> None:
+        """``auto``: factor by every allocation's plan and keep the model closest to the original.
+
+        Which rule spends a MACs budget best depends on the model (measured at 0.75 / 0.5 of the
+        MACs: least summed loss on the PP-OCR detector and SqueezeNet, equal loss on ResNet-20 at
+        0.5), and the curves add up single-layer losses that do not add up exactly; the output
+        cosine loss on the calibration samples of the finished model decides, as ``prune``'s
+        ``auto`` does. Plans that pick the same ranks are factored once.
+        """
+        from onnxslim_cv import sensitivity
+
+        distinct: Dict[Tuple, str] = {}
+        for name, plan in plans.items():
+            distinct.setdefault(plan.key(), name)
+        if len(distinct) == 1:
+            name = next(iter(plans))
+            _apply_plan(layers, plans[name])
+            self._factor_on_data(model, [item for item in layers if item.chosen is not None], data, context)
+            self._report_plan(report, plans[name], {"chosen": name, "candidates": {}})
+            report.notes.append("allocation auto: every rule chose the same ranks")
+            return
+        reference = sensitivity.ReferenceOutputs(model, data)
+        rows: Dict[str, Dict[str, Any]] = {}
+        made: Dict[str, Tuple[Model, Dict[str, tuple]]] = {}
+        for name, plan in plans.items():
+            first = distinct[plan.key()]
+            if first != name:
+                rows[name] = dict(rows[first], same_as=first)
+                continue
+            _apply_plan(layers, plan)
+            work = model.copy()
+            chosen = [item for item in layers if item.chosen is not None]
+            self._factor_on_data(work, chosen, data, context)
+            made[name] = (work, {item.node: (item.error, item.error_factored, item.note) for item in chosen})
+            rows[name] = {"cosine": reference.loss(work)["cosine"], "macs_kept": plan.details["kept_macs"]}
+        best = min(rows, key=lambda name: rows[name]["cosine"])  # ties: the first
+        work, state = made[rows[best].get("same_as", best)]
+        model.graph = work.graph
+        _apply_plan(layers, plans[best])
+        for item in layers:
+            if item.node in state:
+                item.error, item.error_factored, item.note = state[item.node]
+        self._report_plan(report, plans[best], {"chosen": best, "samples": data.count(), "candidates": rows})
+        report.notes.append(
+            f"allocation auto chose {best}; output cosine loss on the calibration samples: "
+            + ", ".join(f"{name} {row['cosine']:.3e}" for name, row in rows.items())
         )
 
     # ------------------------------------------------------------------------------------------

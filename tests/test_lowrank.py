@@ -403,7 +403,8 @@ def test_energy_bounds_the_error_of_every_factored_layer():
     assert stricter.after.macs >= report.after.macs
 
 
-@pytest.mark.parametrize("with_data, allocation", [(False, "auto"), (True, "error"), (True, "sensitivity")])
+@pytest.mark.parametrize("with_data, allocation",
+                         [(False, "auto"), (True, "auto"), (True, "error"), (True, "sensitivity"), (True, "marginal")])
 def test_target_macs_is_reached(with_data, allocation):
     proto = test_models.build("conv_chain", **CONV_CHAIN)
     calib = sample_data(proto, 8, seed=0) if with_data else None
@@ -414,10 +415,69 @@ def test_target_macs_is_reached(with_data, allocation):
     kept = report.after.macs / report.before.macs
     assert kept <= 0.7 + 0.01
     details = report.details["allocation"]
-    assert details["by"] == ("error" if allocation == "auto" else allocation)
+    if allocation == "auto" and with_data:  # every rule tried, the closest outputs kept
+        assert details["chosen"] == details["by"] and details["by"] in ("marginal", "sensitivity", "error")
+    else:
+        assert details["by"] == ("error" if allocation == "auto" else allocation) and "chosen" not in details
+    assert details["rule"] == ("marginal" if details["by"] == "marginal" else "equal")
     assert details["kept_macs"] == pytest.approx(kept, abs=1e-3)
     assert len(details["curves"]) >= 1
     assert report.details["method"] == ("data" if with_data else "weight")
+
+
+def _summed_curve_loss(details):
+    """The summed (interpolated) output loss the allocation's curves promise at its chosen levels."""
+    total = 0.0
+    for curve in details["curves"]:
+        total += float(np.interp(details["levels"][curve["name"]], curve["levels"], curve["loss"]["cosine"]))
+    return total
+
+
+def test_marginal_allocation_spends_less_summed_loss_than_equal():
+    # RESNET has 3x3 convs of several sizes: equal loss per layer and least summed loss differ
+    proto = test_models.build("resnet_basic_block", **RESNET)
+    calib = sample_data(proto, 8, seed=0)
+    results = {}
+    for allocation in ("sensitivity", "marginal"):
+        out, report = _lowrank(proto, calib, target_macs=0.75, allocation=allocation, samples=8)
+        _check_emitted(out.to_proto(), proto)
+        assert report.after.macs <= 0.76 * report.before.macs
+        results[allocation] = report.details["allocation"]
+    equal, marginal = results["sensitivity"], results["marginal"]
+    assert [c["loss"] for c in equal["curves"]] == [c["loss"] for c in marginal["curves"]]  # the same measured curves
+    assert equal["levels"] != marginal["levels"]
+    assert _summed_curve_loss(marginal) <= _summed_curve_loss(equal) + 1e-12
+
+
+def test_auto_allocation_keeps_the_plan_with_the_lowest_calibration_loss():
+    from onnxslim_cv.pipeline import make_passes, run_passes
+    from onnxslim_cv.sensitivity import ReferenceOutputs
+
+    proto = test_models.build("resnet_basic_block", **RESNET)
+    calib = sample_data(proto, 8, seed=0)
+    out, report = _lowrank(proto, calib, target_macs=0.75, samples=8)  # auto is the default
+    details = report.details["allocation"]
+    rows = details["candidates"]
+    assert list(rows) == ["marginal", "sensitivity", "error"] and details["samples"] == 8
+    assert details["chosen"] == min(rows, key=lambda name: rows[name]["cosine"])
+    assert f"allocation auto chose {details['chosen']};" in " ".join(report.notes)
+    assert len({rows[name]["cosine"] for name in rows}) >= 2  # the plans differ: a real comparison
+    # the emitted model is the chosen plan's factoring itself: the same loss against the folded original
+    folded, _ = run_passes(Model.from_proto(proto), make_passes(["fold"], {}), context=PassContext(progress=False))
+    loss = ReferenceOutputs(folded, calib).loss(out)["cosine"]
+    assert loss == pytest.approx(rows[details["chosen"]]["cosine"], rel=1e-5, abs=1e-9)
+    _check_emitted(out.to_proto(), proto)
+    assert report.after.macs <= 0.76 * report.before.macs
+    assert report.details["layers"] and all(np.isfinite(row["error"]) for row in report.details["layers"])
+
+
+def test_auto_allocation_factors_once_when_every_rule_picks_the_same_ranks():
+    # conv_chain with the last layer left alone has one eligible layer: every rule gives it the same rank
+    proto = test_models.build("conv_chain", **CONV_CHAIN)
+    calib = sample_data(proto, 8, seed=0)
+    _, report = _lowrank(proto, calib, target_macs=0.85, samples=8)
+    assert report.details["allocation"]["candidates"] == {}
+    assert "every rule chose the same ranks" in " ".join(report.notes)
 
 
 def test_unreachable_target_macs_is_a_user_error():
@@ -660,8 +720,9 @@ def test_data_method_and_sensitivity_allocation_need_calibration_data():
     proto = test_models.build("conv_chain", **CONV_CHAIN)
     with pytest.raises(UserError, match="needs calibration data"):
         _lowrank(proto, None, rank_ratio=0.5, method="data")
-    with pytest.raises(UserError, match="needs calibration data"):
-        _lowrank(proto, None, target_macs=0.7, allocation="sensitivity")
+    for allocation in ("sensitivity", "marginal"):
+        with pytest.raises(UserError, match=f"allocation {allocation} needs calibration data"):
+            _lowrank(proto, None, target_macs=0.7, allocation=allocation)
 
 
 def test_weight_method_ignores_calibration_data():
@@ -726,7 +787,7 @@ def test_cli_shared_target_macs_goes_to_lowrank(tmp_path, cli):
     _check_emitted(emitted, proto)
     (lowrank,) = [p for p in json.loads(report_path.read_text())["passes"] if p["name"] == "lowrank"]
     assert lowrank["options"]["target_macs"] == 0.7
-    assert lowrank["details"]["method"] == "data" and lowrank["details"]["allocation"]["by"] == "sensitivity"
+    assert lowrank["details"]["method"] == "data" and lowrank["details"]["allocation"]["chosen"] == lowrank["details"]["allocation"]["by"]
     assert lowrank["after"]["macs"] <= 0.71 * lowrank["before"]["macs"]
     stats = model_stats(Model.from_proto(emitted), refresh_shapes=True)
     assert stats.macs == lowrank["after"]["macs"]
