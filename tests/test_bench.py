@@ -2,7 +2,7 @@
 
 import pytest
 
-from onnxslim_cv.bench import benchmark, random_feed
+from onnxslim_cv.bench import benchmark, node_times, random_feed
 from onnxslim_cv.errors import UserError
 from onnxslim_cv import runtime
 from onnxslim_cv.testing import models
@@ -46,3 +46,12 @@ def test_bad_arguments():
         benchmark([])
     with pytest.raises(UserError, match="--threads"):
         benchmark([models.conv_chain()], threads=0)
+
+
+def test_node_times_name_the_model_nodes_that_survive_fusion():
+    model = models.conv_chain()  # conv -> bn -> relu, three times: BN and Relu fuse into the convs
+    feed = random_feed(runtime.make_session(model))
+    times = node_times(model, feed, runs=5, warmup=1)
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    assert sorted(times) == sorted(convs)
+    assert all(value > 0 for value in times.values())

@@ -47,14 +47,14 @@ def classifier_row(key: str, top1: float, cells) -> Dict[str, Any]:
 
 
 def ok_cell(method: str, target: float, *, top1: float, macs: float, latency: float,
-            report_macs: Optional[float] = None, forms=None) -> Dict[str, Any]:
+            report_macs: Optional[float] = None, forms=None, allocation: str = "error") -> Dict[str, Any]:
     forms = forms if forms is not None else {"spatial": 12, "tucker2": 4}
     return {
         "name": f"t{target:g}.{method}", "method": method, "target": target, "status": "ok",
         "macs_ratio": macs, "params_ratio": macs * 0.9, "report_macs_ratio": macs if report_macs is None else report_macs,
         "latency_ratio": latency, "latency_per_macs": latency / macs, "quality": _quality(top1, f"{100 * top1:.2f}%"),
         "quality_value": top1, "quality_text": f"{100 * top1:.2f}%", "metric": "top-1", "forms": forms,
-        "layers_factored": sum(forms.values()), "pass_seconds": 3.5, "seconds": 5.0,
+        "layers_factored": sum(forms.values()), "pass_seconds": 3.5, "seconds": 5.0, "allocation_by": allocation,
     }
 
 
@@ -69,8 +69,9 @@ def _cells(line: str):
 
 
 def _checks(bench_lowrank, rows):
+    """The top-1 and whole-model latency checks (the factored-layer check has its own test)."""
     checks = bench_lowrank.target_checks(rows)
-    assert len(checks) == 2
+    assert len(checks) == 3 and "tiny factor layers" in checks[2]["target"]
     return checks[0], checks[1]
 
 
@@ -96,7 +97,7 @@ def test_forms(bench_lowrank):
 def test_results_table(bench_lowrank):
     row = classifier_row("resnet20", 0.80, [
         ok_cell("weight", 0.5, top1=0.70, macs=0.4997, latency=0.62),
-        ok_cell("data", 0.5, top1=0.76, macs=0.50, latency=0.64, report_macs=0.45),
+        ok_cell("data", 0.5, top1=0.76, macs=0.50, latency=0.64, report_macs=0.45, allocation="marginal"),
         failed_cell("data", 0.1, "unreachable", "UserError: lowrank: --target-macs 0.1 is unreachable: factoring "
                     "every eligible layer at its smallest rank keeps 0.322 of the model's MACs"),
         failed_cell("weight", 0.1, "error", "lowrank: RuntimeError: boom | bad"),
@@ -114,7 +115,7 @@ def test_results_table(bench_lowrank):
     assert weight["drop"] == "10.00 pt" and weight["forms"] == "spatial 12, tucker2 4" and weight["layers"] == "16"
     data = body[("resnet20", "data (whitened + refit)", "0.5")]
     assert data["MACs"] == "0.500x (pass: 0.450)"  # the file and the report disagree: both shown
-    assert data["drop"] == "4.00 pt"
+    assert data["drop"] == "4.00 pt" and data["allocation"] == "marginal" and weight["allocation"] == "error"
     assert "unreachable (at best 0.322x)" in table
     assert "error: lowrank: RuntimeError: boom \\| bad" in table  # escaped, still one cell per column
     assert all(len(line) == len(headers) for line in lines)
@@ -131,6 +132,42 @@ def test_results_table_agreement_model(bench_lowrank):
     table = bench_lowrank.results_table([row])
     assert "task metric" in table.splitlines()[0] and "27.00/img" in table
     assert bench_lowrank.benchlib.drop(row, cell)[1] == "10.00 pt"
+
+
+def test_factored_layer_times(bench_lowrank):
+    fp32 = {"conv1": 2.0, "conv2": 4.0, "dw": 3.0, "relu": 1.0}
+    after = {"conv1/factor0": 0.5, "conv1": 0.7, "conv2/factor0": 1.0, "conv2/factor1": 0.3, "conv2": 0.9, "dw": 3.1, "relu": 1.0}
+    layers = [{"node": "conv1", "macs_before": 100, "macs_after": 50}, {"node": "conv2", "macs_before": 300, "macs_after": 100},
+              {"node": "gone", "macs_before": 1000, "macs_after": 10}]  # not in the profile: left out of both sides
+    factored = bench_lowrank.factored_layer_times(fp32, after, layers)
+    assert factored["layers_timed"] == 2 and factored["layers"] == 3
+    assert factored["time_before_ms"] == pytest.approx(6.0) and factored["time_after_ms"] == pytest.approx(3.4)
+    assert factored["time_ratio"] == pytest.approx(3.4 / 6.0) and factored["macs_ratio"] == pytest.approx(150 / 400)
+    assert factored["share_of_fp32_time"] == pytest.approx(0.6)
+    assert bench_lowrank.factored_text(factored) == "0.57x / 0.38x (60%), 2 of 3 layers found"
+    assert bench_lowrank.factored_text(None) == ""
+
+
+def _with_factored(cell, time_ratio, macs_ratio, share=0.5):
+    cell["factored"] = {"time_ratio": time_ratio, "macs_ratio": macs_ratio, "share_of_fp32_time": share,
+                        "layers_timed": 3, "layers": 3}
+    return cell
+
+
+def test_factored_layers_target(bench_lowrank):
+    rows = [classifier_row("resnet20", 0.80, [
+        _with_factored(ok_cell("data", 0.5, top1=0.76, macs=0.5, latency=0.7), 0.6, 0.4),
+        _with_factored(ok_cell("weight", 0.5, top1=0.70, macs=0.5, latency=0.7), 0.5, 0.45, share=0.7),
+    ])]
+    (check,) = [c for c in bench_lowrank.target_checks(rows) if "tiny factor layers" in c["target"]]
+    assert check["met"] is True and check["worst_factored_time_per_macs"] == pytest.approx(1.5)
+    assert "2/2 runs" in check["measured"] and "resnet20 data 0.5: 0.60x time at 0.40x MACs" in check["measured"]
+    rows[0]["cells"][1]["factored"]["time_ratio"] = 1.05  # the factored layers got slower
+    (check,) = [c for c in bench_lowrank.target_checks(rows) if "tiny factor layers" in c["target"]]
+    assert check["met"] is False and "resnet20 weight 0.5: 1.05x" in check["measured"]
+    rows[0]["cells"] = [ok_cell("data", 0.5, top1=0.76, macs=0.5, latency=0.7)]  # not profiled
+    (check,) = [c for c in bench_lowrank.target_checks(rows) if "tiny factor layers" in c["target"]]
+    assert check["met"] is None
 
 
 def test_targets_met(bench_lowrank):
@@ -240,11 +277,11 @@ def _env_without_shared(tmp_path) -> Dict[str, str]:
     return env
 
 
-def test_skips_with_exit_0_without_shared_folder(tmp_path):
+def test_exits_2_without_shared_folder(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--models", "resnet20"], env=_env_without_shared(tmp_path),
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "shared models folder is absent" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "error: the shared models folder is absent" in result.stderr
     assert result.stdout == ""
 
 

@@ -10,8 +10,9 @@ dynamic models) through ``fold``. It is the input of every run, the quality base
 reference of the agreement metrics and the latency reference. Then, per ``--targets`` value F
 and ``--methods`` method, the ``lowrank`` pass once with ``target_macs=F, method=<method>``:
 ``weight`` is the plain weight SVD with no data (its per-layer budgets come from the relative
-layer errors), ``data`` the whitened SVD and least-squares refit on calibration samples (budgets
-from the output loss), ``samples`` = the calibration count. Its result is written through
+layer errors), ``data`` the whitened SVD and least-squares refit on calibration samples (the
+pass's default allocation: with data, ``auto`` picks among its rules by the calibration loss;
+the allocation column says which), ``samples`` = the calibration count. Its result is written through
 ``save_model`` (which runs onnx.checker) and loaded in onnxruntime.
 
 Columns, all measured on the written file (not taken from the pass's report): MACs and params
@@ -21,17 +22,23 @@ interleaved, median of the per-iteration ratios; < 1 is faster); latency / MACs 
 ratio over the MACs ratio: 1 = latency falls as much as the MACs, > 1 = less); quality (top-1
 for classifiers, the agreement with fp32 otherwise: detections F1@0.5, text-map IoU@0.3, PSNR
 against the fp32 output) and its drop against fp32; the factorization forms and the number of
-layers factored (the pass's report); the pass's wall time. The fp32 row's latency column is the
-fp32 file timed against itself: the noise floor of the latency ratios.
+layers factored (the pass's report); the factored layers alone: their onnxruntime profiler
+kernel time after / before (the layer's node plus its ``/factorK`` nodes, against the same node
+in the fp32 file, :func:`onnxslim_cv.bench.node_times`), their MACs after / before, and the
+share of the fp32 file's kernel time they took; the pass's wall time. The fp32 row's latency
+column is the fp32 file timed against itself: the noise floor of the latency ratios.
 
 Then the issue's targets, checked from the measured numbers: ResNet-20 at 50% of its MACs
-(data-aware) keeps >= 90% of its fp32 top-1, and latency follows MACs (every run that removes
-MACs is faster than fp32; the worst latency / MACs is listed).
+(data-aware) keeps >= 90% of its fp32 top-1; latency follows MACs (every run that removes
+MACs is faster than fp32; the worst latency / MACs is listed); and no slowdown from tiny
+factor layers (the factored layers' own profiled time falls in every run; the worst time /
+MACs is listed, with the share of the time those layers had, which bounds what factoring
+them can save).
 
 Evaluation and calibration samples are disjoint (:func:`benchlib.disjoint_split`): evaluation
 reads the front of the zoo pool (the whole pool minus the calibration samples by default),
 calibration its back. An unreachable target or any failure is caught per run and shown in the
-table. Without the shared models folder the script says so and exits 0 (nothing to measure).
+table. Without the shared models folder the script says so and exits 2, like the other benches.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402  (also puts the repo on sys.path)
 
+from onnxslim_cv import runtime  # noqa: E402
+from onnxslim_cv.bench import node_times, random_feed  # noqa: E402
 from onnxslim_cv.report import human  # noqa: E402
 from onnxslim_cv.testing import zoo  # noqa: E402
 
@@ -135,8 +144,47 @@ def forms_text(forms: Dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in forms.items()) if forms else "–"
 
 
+def named_fp32(fp32_path: Path, folder: Path) -> Path:
+    """The fp32 file with the node names the pass gives unnamed nodes (to find its layers there)."""
+    from onnxslim_cv.graph_utils import name_nodes
+    from onnxslim_cv.model_io import load_model, save_model
+
+    model = load_model(fp32_path)
+    name_nodes(model.graph)  # what lowrank does after its (here idle) fold: the same names
+    path = folder / f"{fp32_path.stem}.named.onnx"
+    save_model(model, path)
+    return path
+
+
+def factored_layer_times(fp32_times: Dict[str, float], times: Dict[str, float], layers: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Profiled kernel time of the factored layers before and after, against their MACs.
+
+    ``fp32_times`` / ``times``: :func:`onnxslim_cv.bench.node_times` of the named fp32 file and
+    of the written one, where a factored layer is its own name plus ``<name>/factorK``. This
+    separates the issue's "no slowdown from tiny factor layers" (these layers' time against
+    their MACs) from the time of everything lowrank does not touch (depthwise convs,
+    activations, concats), which is why a whole model's latency falls less than its MACs.
+    """
+    names = [layer["node"] for layer in layers]
+    found = [name for name in names if name in fp32_times]
+    before = sum(fp32_times[name] for name in found)
+    after = sum(value for key, value in times.items()
+                for name in found if key == name or key.startswith(name + "/factor"))
+    macs_before = sum(layer["macs_before"] for layer in layers if layer["node"] in found)
+    macs_after = sum(layer["macs_after"] for layer in layers if layer["node"] in found)
+    total = sum(fp32_times.values())
+    return {
+        "layers_timed": len(found), "layers": len(names),
+        "time_before_ms": before, "time_after_ms": after,
+        "time_ratio": after / before if before else None,
+        "macs_ratio": macs_after / macs_before if macs_before else None,
+        "share_of_fp32_time": before / total if total else None,
+    }
+
+
 def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: Path, run: Dict[str, Any],
-             calibration, *, classifier: bool, eval_n: int, calib_n: int, latency_seconds: float) -> Dict[str, Any]:
+             calibration, *, classifier: bool, eval_n: int, calib_n: int, latency_seconds: float,
+             fp32_times: Optional[Dict[str, float]] = None, feed=None) -> Dict[str, Any]:
     """One lowrank run, written, measured and evaluated; never raises (a failure is a result)."""
     from evaluate import evaluate
 
@@ -183,6 +231,9 @@ def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: 
         cell["latency_ms"] = [t.median_ms for t in timing.timings]
         cell["latency_per_macs"] = (timing.ratio / cell["macs_ratio"]
                                     if timing.ratio is not None and cell["macs_ratio"] else None)
+        if fp32_times is not None and layers:
+            stage = "profiling the factored layers"
+            cell["factored"] = factored_layer_times(fp32_times, node_times(str(path), feed), layers)
         stage = "evaluating"
         quality = evaluate(path, data, reference=None if classifier else fp32_path, limit=eval_n)
         cell["quality"] = {k: quality[k] for k in ("samples", "metrics", "primary", "agreement", "agreement_primary")}
@@ -223,6 +274,9 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     classifier = entry.is_labelled  # top-1 (as bench_quant / bench_sparsify: the labelled models are the classifiers)
     fp32_quality = evaluate(fp32_path, data, reference=None if classifier else fp32_path, limit=eval_n)
     noise = benchlib.latency(fp32_path, fp32_path, seconds=args.latency_seconds)
+    named = named_fp32(fp32_path, folder)
+    feed = random_feed(runtime.make_session(str(named)))
+    fp32_times = node_times(str(named), feed)
     row: Dict[str, Any] = {
         "key": entry.key, "task": entry.task, "classifier": classifier,
         "eval_samples": fp32_quality["samples"], "calibration_samples": calib_n if needs_data else 0,
@@ -243,7 +297,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
         benchlib.progress(f"{entry.key} {run['name']} ...")
         row["cells"].append(run_cell(entry, data, model, fp32_path, row["fp32"], folder, run, calibration,
                                      classifier=classifier, eval_n=eval_n, calib_n=calib_n,
-                                     latency_seconds=args.latency_seconds))
+                                     latency_seconds=args.latency_seconds, fp32_times=fp32_times, feed=feed))
     row["seconds"] = time.perf_counter() - started
     benchlib.progress(f"{entry.key}: done in {row['seconds']:.0f} s")
     return row
@@ -284,6 +338,16 @@ def _ms(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3g} ms"
 
 
+def factored_text(factored: Optional[Dict[str, Any]]) -> str:
+    """``0.62x / 0.50x (45%)``: the factored layers' profiled time and MACs ratios, and their share of fp32's time."""
+    if not factored or factored.get("time_ratio") is None or not factored.get("macs_ratio"):
+        return ""
+    text = f"{factored['time_ratio']:.2f}x / {factored['macs_ratio']:.2f}x ({benchlib.percent(factored['share_of_fp32_time'], 0)})"
+    if factored.get("layers_timed") != factored.get("layers"):
+        text += f", {factored['layers_timed']} of {factored['layers']} layers found"
+    return text
+
+
 def _quality_cell(row: Dict[str, Any], text: str) -> str:
     return text  # the agreement texts name their metric ("F1 0.93", "IoU 0.88", "PSNR 31.2 dB")
 
@@ -300,7 +364,8 @@ def error_cell(cell: Dict[str, Any], limit: int = 140) -> str:
 
 
 RESULT_HEADERS = ["model", "method", "target", "MACs", "params", "latency", "latency/MACs", "quality", "drop",
-                  "task metric", "forms", "layers", "pass time"]
+                  "task metric", "forms", "layers", "factored layers: time / MACs (share of fp32 time)", "pass time",
+                  "allocation"]
 
 
 def result_lines(row: Dict[str, Any]) -> List[List[str]]:
@@ -309,13 +374,13 @@ def result_lines(row: Dict[str, Any]) -> List[List[str]]:
     task = "" if row["classifier"] else fp32["quality"]["primary"]["text"]
     lines = [[row["key"], "fp32 (folded)", "–", f"1.000x ({human(fp32['macs'])})", f"1.000x ({human(fp32['params'])})",
               f"{_ms(fp32['latency_ms'])} (self {_ratio(fp32.get('self_latency_ratio'))})", "",
-              _quality_cell(row, fp32["quality_text"]), "", task, "", "", ""]]
+              _quality_cell(row, fp32["quality_text"]), "", task, "", "", "", "", ""]]
     for cell in row["cells"]:
         line = [row["key"], METHOD_LABEL.get(cell["method"], cell["method"]), f"{cell['target']:g}"]
         if cell["status"] != "ok":
             filled = [error_cell(cell)]
             if cell.get("pass_seconds") is not None:  # the pass ran, a later stage failed
-                filled += [""] * 6 + [forms_text(cell.get("forms") or {}), str(cell.get("layers_factored", "")),
+                filled += [""] * 6 + [forms_text(cell.get("forms") or {}), str(cell.get("layers_factored", "")), "",
                                       benchlib.seconds(cell["pass_seconds"])]
             line += filled + [""] * (len(RESULT_HEADERS) - len(line) - len(filled))
             lines.append(line)
@@ -326,7 +391,9 @@ def result_lines(row: Dict[str, Any]) -> List[List[str]]:
             "n/a" if per is None else f"{per:.2f}",
             _quality_cell(row, cell["quality_text"]), benchlib.drop(row, cell)[1],
             "" if row["classifier"] else cell["quality"]["primary"]["text"],
-            forms_text(cell["forms"]), str(cell["layers_factored"]), benchlib.seconds(cell["pass_seconds"]),
+            forms_text(cell["forms"]), str(cell["layers_factored"]), factored_text(cell.get("factored")),
+            benchlib.seconds(cell["pass_seconds"]),
+            cell.get("allocation_by") or "",  # the rule the budgets came from (auto's choice)
         ]
         lines.append(line)
     return lines
@@ -340,7 +407,7 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
                          + [""] * (len(RESULT_HEADERS) - 4))
             continue
         lines += result_lines(row)
-    headers, align = list(RESULT_HEADERS), "lll" + "r" * 7 + "lrr"
+    headers, align = list(RESULT_HEADERS), "lll" + "r" * 7 + "lrrrl"
     if all(row.get("classifier", True) for row in rows):  # no agreement metric: no task metric column
         index = headers.index("task metric")
         headers.pop(index)
@@ -442,6 +509,32 @@ def target_checks(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             measured += "; not measured (failed): " + ", ".join(not_measured)
         checks.append({"target": target, "measured": measured, "worst_latency_per_macs": worst[0] if worst else None,
                        "slower": slower, "met": not slower and not not_measured})
+
+    # (3) no slowdown from tiny factor layers: the factored layers' own profiled time falls
+    target = "no slowdown from tiny factor layers: the factored layers' profiled time < fp32's in every run"
+    runs, slower, worst = [], [], None
+    for row in rows:
+        for cell in row.get("cells", []):
+            factored = cell.get("factored") if cell.get("status") == "ok" else None
+            if not factored or factored.get("time_ratio") is None or not factored.get("macs_ratio"):
+                continue
+            name = f"{row['key']} {cell['method']} {cell['target']:g}"
+            runs.append(name)
+            ratio, per = factored["time_ratio"], factored["time_ratio"] / factored["macs_ratio"]
+            if ratio >= 1.0:
+                slower.append(f"{name}: {ratio:.2f}x")
+            if worst is None or per > worst[0]:
+                worst = (per, name, ratio, factored["macs_ratio"], factored.get("share_of_fp32_time"))
+    if not runs:
+        checks.append({"target": target, "measured": "not profiled", "met": None})
+    else:
+        measured = (f"{len(runs) - len(slower)}/{len(runs)} runs; worst time/MACs {worst[0]:.2f} ({worst[1]}: "
+                    f"{worst[2]:.2f}x time at {worst[3]:.2f}x MACs, those layers were "
+                    f"{benchlib.percent(worst[4], 0)} of the fp32 time)")
+        if slower:
+            measured += "; slower: " + "; ".join(slower)
+        checks.append({"target": target, "measured": measured, "worst_factored_time_per_macs": worst[0],
+                       "slower": slower, "met": not slower})
     return checks
 
 
@@ -462,7 +555,9 @@ def render(results: Dict[str, Any]) -> str:
         "baseline, the reference of the agreement metrics and of the latency. Runs: the `lowrank` pass with "
         "`target_macs` = target and `method` = weight (plain weight SVD, no data; per-layer budgets by relative "
         "layer error) or data (whitened SVD and least-squares refit on the calibration samples, disjoint from the "
-        "evaluation ones; budgets by output loss), default forms / round_to / min_saving. MACs and params: after / "
+        "evaluation ones; budgets by the pass's default allocation, `auto`: each rule's plan factored and the one "
+        "closest to fp32 on the calibration samples kept; the allocation column names the rule), default forms / "
+        "round_to / min_saving. MACs and params: after / "
         "before, counted by `stats.model_stats` on the written, reloaded file (\"pass:\" shows the pass's own figure "
         "when it differs). Latency: written file / fp32 file, onnxruntime CPU, 1 thread, interleaved, median of the "
         f"per-iteration ratios ({settings.get('latency_seconds', benchlib.DEFAULT_LATENCY_SECONDS):g} s per pair; "
@@ -471,7 +566,10 @@ def render(results: Dict[str, Any]) -> str:
         "classifiers, the agreement with fp32 otherwise (box F1@0.5, text-map IoU@0.3, PSNR against the fp32 "
         "output; see tools/evaluate.py); drop = fp32 - run in top-1 points, 1 - agreement in points, or the task "
         "PSNR drop in dB (super-resolution); task metric = the model's own metric on its data. Forms and layers: "
-        "the pass's report. Every file passes onnx.checker (save_model) and loads in onnxruntime.",
+        "the pass's report. Factored layers: onnxruntime profiler kernel time of those layers (each layer's node and "
+        "its `/factorK` nodes, extended optimization level so that fused nodes keep their names), after / before, "
+        "their MACs after / before, and the share of the fp32 file's kernel time they took (what factoring can "
+        "save at most). Every file passes onnx.checker (save_model) and loads in onnxruntime.",
         "",
         f"Wall time {results['wall_seconds'] / 60:.1f} min." + _code_text(results.get("code")),
     ]
@@ -557,10 +655,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global SEED
     args = parse_args(argv)
     SEED = args.seed
-    if zoo.shared_models_dir() is None:
-        benchlib.progress(f"skipped: the shared models folder is absent (set ${zoo.ENV_VAR} or place it at "
-                          f"{benchlib.REPO_ROOT.parent / 'shared' / 'models'}); nothing to measure")
-        return 0
+    benchlib.require_shared_models()  # exits 2 saying how to provide it, like the other benches
     if args.models:
         entries = benchlib.select_models(",".join(args.models))
     else:
