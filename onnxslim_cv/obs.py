@@ -11,7 +11,9 @@ For each layer this module accumulates, streaming over calibration batches:
   dependency order, so later layers also correct the error of earlier ones), with a constant
   column so the bias is refit too;
 - ``C = X'^T Y`` with ``Y = X W^T`` the *original* layer's output on the original model's
-  inputs ``X``.
+  inputs ``X``; for a conv added to a shortcut, ``Y`` also gets the shortcut's drift
+  ``S - S'`` (original minus current), so the layer restores the residual sum the next block
+  reads rather than only its own output.
 
 The dense least-squares optimum ``W* = (G + lam)^-1 (C + lam W)`` is the reference; then the
 mask is chosen and the kept weights refit against ``W*`` in the metric ``G``:
@@ -39,7 +41,7 @@ import onnx_graphsurgeon as gs
 from . import activations, runtime
 from .graph_utils import new_constant, replace_constant_values
 from .ir import Model
-from .reconstruct import _add_bias_after, _set_bias, _stages, conv_patches, output_positions
+from .reconstruct import _add_bias_after, _set_bias, _stages, conv_patches, output_positions, stage_levels
 from .sparsity import SparseLayer, as_matrix, from_matrix, group_rows, nm_mask_matrix
 
 BLOCK = 128  # SparseGPT column block (mask chosen per block, lazy updates between blocks)
@@ -68,6 +70,7 @@ class LayerFit:
     skipped: Optional[str] = None
     result_mask: Optional[np.ndarray] = field(default=None, repr=False)
     _pending: list = field(default_factory=list, repr=False)
+    _pending_drift: list = field(default_factory=list, repr=False)
     _pending_rows: int = 0
 
 
@@ -83,6 +86,13 @@ def has_bias_column(layer: SparseLayer) -> bool:
     return layer.op != "ConvTranspose"
 
 
+def _conv_positions(layer: SparseLayer, total: int, batch: int, rng, positions_per_sample: int) -> np.ndarray:
+    """The flat output positions a conv's rows are sampled at (the same ``rng`` state, the same positions)."""
+    kernel = layer.shape[2:]
+    budget = max(1, min(positions_per_sample, (1 << 22) // max(1, layer.shape[1] * kernel[0] * kernel[1] * batch)))
+    return np.sort(rng.choice(total, size=min(total, budget), replace=False))
+
+
 def layer_rows(layer: SparseLayer, node: gs.Node, x: np.ndarray, rng, positions_per_sample: int) -> List[np.ndarray]:
     """Design rows ``[n, D]`` of each group, in the column order of :func:`sparsity.as_matrix`."""
     x = np.asarray(x, dtype=np.float32)
@@ -92,8 +102,7 @@ def layer_rows(layer: SparseLayer, node: gs.Node, x: np.ndarray, rng, positions_
             raise ValueError("only 2-D convs are refit")
         total = output_positions(node, x.shape, kernel)
         cin_g = layer.shape[1]
-        budget = max(1, min(positions_per_sample, (1 << 22) // max(1, cin_g * kernel[0] * kernel[1] * x.shape[0])))
-        positions = np.sort(rng.choice(total, size=min(total, budget), replace=False))
+        positions = _conv_positions(layer, total, x.shape[0], rng, positions_per_sample)
         result = []
         for g in range(layer.groups):
             patches = conv_patches(x[:, g * cin_g:(g + 1) * cin_g], node, kernel, positions)
@@ -115,10 +124,19 @@ def layer_rows(layer: SparseLayer, node: gs.Node, x: np.ndarray, rng, positions_
 FLUSH_ROWS = 8192  # rows gathered before one BLAS call (batch-1 exports give 256 rows per run)
 
 
-def accumulate(fit: LayerFit, node: gs.Node, x_orig: np.ndarray, x_new: np.ndarray, seed: int, positions_per_sample: int) -> None:
-    """Add one batch to the layer's ``G`` and ``C`` (the same positions in both models)."""
+def accumulate(fit: LayerFit, node: gs.Node, x_orig: np.ndarray, x_new: np.ndarray, seed: int, positions_per_sample: int,
+               drift: Optional[np.ndarray] = None) -> None:
+    """Add one batch to the layer's ``G`` and ``C`` (the same positions in both models).
+
+    ``drift``: the original minus the current value of the residual partner (``[N, Cout, H, W]``),
+    added to the target so that the layer also absorbs the shortcut's error."""
     rows_orig = layer_rows(fit.layer, node, x_orig, np.random.default_rng(seed), positions_per_sample)
     rows_new = layer_rows(fit.layer, node, x_new, np.random.default_rng(seed), positions_per_sample)
+    if drift is not None:  # a 2-D conv's output positions, sampled as its rows were
+        total = output_positions(node, np.asarray(x_new).shape, tuple(fit.layer.shape[2:]))
+        positions = _conv_positions(fit.layer, total, x_new.shape[0], np.random.default_rng(seed), positions_per_sample)
+        flat = np.asarray(drift, dtype=np.float32).reshape(drift.shape[0], drift.shape[1], -1)[:, :, positions]
+        fit._pending_drift.append(flat.transpose(0, 2, 1).reshape(-1, drift.shape[1]))
     fit._pending.append((rows_orig, rows_new))
     fit._pending_rows += rows_new[0].shape[0]
     fit.rows += rows_new[0].shape[0]
@@ -139,6 +157,8 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
         if bias:
             design = np.concatenate([design, np.ones((design.shape[0], 1), design.dtype)], axis=1)
         target = original @ matrix[row_index].T
+        if fit._pending_drift:
+            target = target + np.concatenate(fit._pending_drift)[:, row_index]
         if fit.gram is None:
             fit.gram = np.zeros((len(groups), design.shape[1], design.shape[1]))
             fit.cross = np.zeros((len(groups), design.shape[1], target.shape[1]))
@@ -147,6 +167,7 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
         fit.cross[g] += design.T @ target
         fit.energy[g] += float(np.square(target, dtype=np.float64).sum())
     fit._pending = []
+    fit._pending_drift = []
     fit._pending_rows = 0
 
 
@@ -361,6 +382,7 @@ def reconstruct_layers(
     seed: int = 0,
     damp: float = DAMP,
     sequential: bool = True,
+    residual: bool = True,
     finish: Union[bool, Callable[[LayerFit, Model, gs.Node], None]] = True,
     progress=None,
 ) -> List[LayerFit]:
@@ -368,7 +390,10 @@ def reconstruct_layers(
 
     ``sequential``: each stage's inputs come from the model sparsified so far (one pass over
     the data per stage); otherwise every layer's statistics come from one pass of the original
-    model (faster, no error correction across layers). ``finish``: True solves and writes each
+    model (faster, no error correction across layers). ``residual`` (sequential only): a conv
+    whose output is added to a shortcut is fit to the original *sum*, i.e. its target also
+    carries the shortcut's drift (original minus current value), which plain layer-wise targets
+    leave to accumulate along a residual spine. ``finish``: True solves and writes each
     layer (:func:`solve`), False only gathers statistics, a callable ``finish(fit, sparse,
     original_node)`` does its own rewrite once the layer's statistics are complete (the
     lowrank pass replaces the node; later stages find their layers by node name and tap the
@@ -379,11 +404,12 @@ def reconstruct_layers(
     names = [f.layer.node for f in fits]
     stages = _stages(sparse, names) if sequential else [names]
     inputs_of = {name: orig_nodes[name].inputs[0].name for name in names}
-    all_inputs = sorted(set(inputs_of.values()))
+    partner_of = _residual_partners(original, fits, names) if sequential and residual else {}
+    all_inputs = sorted(set(inputs_of.values()) | set(partner_of.values()))
     dynamic = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), all_inputs))
     reference_session = activations.tap_session(original, all_inputs, dynamic_batch=dynamic)
     for stage in stages:
-        tensors = sorted({inputs_of[n] for n in stage})
+        tensors = sorted({inputs_of[n] for n in stage} | {partner_of[n] for n in stage if n in partner_of})
         size = activations.session_batch_size(reference_session, min(batch_size, activations.batch_size_for(original, tensors, preferred=batch_size)))
         current_session = activations.tap_session(sparse, tensors, dynamic_batch=dynamic) if sequential else None
         batches = data.batches(size) if hasattr(data, "batches") else iter(data)
@@ -396,8 +422,10 @@ def reconstruct_layers(
 
         for index, (reference, current) in enumerate(activations.prefetch(taps())):
             for name in stage:
+                partner = partner_of.get(name)
+                drift = reference[partner] - current[partner] if partner else None
                 accumulate(by_name[name], orig_nodes[name], reference[inputs_of[name]], current[inputs_of[name]],
-                           seed * 100003 + index, positions_per_sample)
+                           seed * 100003 + index, positions_per_sample, drift)
         for name in stage:
             if callable(finish):
                 flush(by_name[name], orig_nodes[name])
@@ -409,6 +437,37 @@ def reconstruct_layers(
             if progress is not None:
                 progress.update(1)
     return list(fits)
+
+
+def _residual_partners(model: Model, fits: Sequence[LayerFit], names: Sequence[str]) -> Dict[str, str]:
+    """Refit 2-D convs whose output only feeds an Add: layer name -> the Add's other input.
+
+    Only when every refit layer upstream of that other input (a shortcut, or a projection conv
+    on it) is done in an earlier stage, so its current value is final when this layer is fit.
+    """
+    wanted = set(names)
+    level, node_level = stage_levels(model, names)
+    by_name = {f.layer.node: f for f in fits}
+    result = {}
+    for node in model.graph.nodes:
+        if node.name not in wanted:
+            continue
+        fit = by_name[node.name]
+        if fit.layer.op != "Conv" or fit.layer.groups != 1 or len(fit.layer.shape) != 4:
+            continue
+        out = node.outputs[0]
+        if len(out.outputs) != 1 or out.outputs[0].op != "Add" or len(out.outputs[0].inputs) != 2:
+            continue
+        add = out.outputs[0]
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        if out in model.graph.outputs or other is out:
+            continue
+        if not isinstance(other, gs.Variable) or other.shape is None or out.shape is None or list(other.shape) != list(out.shape):
+            continue
+        if level.get(other.name, 0) > node_level[node.name]:
+            continue
+        result[node.name] = other.name
+    return result
 
 
 def collect_statistics(model: Model, fits: Sequence[LayerFit], data, *, seed: int = 0, progress=None) -> None:

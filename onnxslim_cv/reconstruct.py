@@ -179,8 +179,9 @@ def _rows(node: gs.Node, x: np.ndarray, kernel, positions) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]) if positions is None else x.reshape(-1, x.shape[-1])[positions]
 
 
-def _stages(model: Model, names: Sequence[str]) -> List[List[str]]:
-    """Consumers grouped so that no consumer feeds another one of its own stage."""
+def stage_levels(model: Model, names: Sequence[str]) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(tensor -> how many of ``names`` lie on its longest path from the inputs, node -> the
+    same for its inputs): a node of ``names`` is refit in stage ``node_level[node]``."""
     wanted = set(names)
     level: Dict[str, int] = {}
     node_level: Dict[str, int] = {}
@@ -190,6 +191,12 @@ def _stages(model: Model, names: Sequence[str]) -> List[List[str]]:
         out_depth = depth + (1 if node.name in wanted else 0)
         for tensor in node.outputs:
             level[tensor.name] = out_depth
+    return level, node_level
+
+
+def _stages(model: Model, names: Sequence[str]) -> List[List[str]]:
+    """Consumers grouped so that no consumer feeds another one of its own stage."""
+    _, node_level = stage_levels(model, names)
     stages: Dict[int, List[str]] = {}
     for name in names:
         stages.setdefault(node_level[name], []).append(name)

@@ -124,3 +124,60 @@ def test_refit_weights_keep_the_precision_the_model_stored():
     assert stored_precision_bits(rounded) >= 8
     np.testing.assert_allclose(rounded, weights, rtol=2.0 ** -15)
     assert stored_precision_bits(round_to_precision(rounded * np.float32(1.37), stored_precision_bits(rounded))) >= 8
+
+
+# ------------------------------------------------------------------------- residual-aware targets
+
+
+def _folded_resnet(width=16):
+    from onnxslim_cv.ir import Model
+    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+    from onnxslim_cv.testing import models as test_models
+
+    proto = test_models.build("resnet_basic_block", width=width)
+    folded, _ = run_passes(Model.from_proto(proto), make_passes(["fold"], {}), context=PassContext(progress=False))
+    return folded
+
+
+def test_residual_partners_are_the_shortcuts_added_to_a_refit_conv():
+    from onnxslim_cv.obs import _residual_partners
+    from onnxslim_cv.sparsity import sparsifiable_layers
+
+    model = _folded_resnet()
+    layers, _ = sparsifiable_layers(model, include_first=True, include_last=True)
+    names = [layer.node for layer in layers]
+    partners = _residual_partners(model, [LayerFit(layer) for layer in layers], names)
+    nodes = {node.name: node for node in model.graph.nodes}
+    # the second conv of each of the two blocks; the stride-2 block's shortcut is a projection conv
+    assert len(partners) == 2
+    for name, partner in partners.items():
+        (add,) = nodes[name].outputs[0].outputs
+        assert add.op == "Add" and partner in [t.name for t in add.inputs] and partner != nodes[name].outputs[0].name
+    projection = [n for n in names if n not in partners and any(t.name in partners.values() for t in nodes[n].outputs)]
+    assert len(projection) == 1  # refit in an earlier stage than the conv it is added to, so it qualifies
+    # a partner whose refit layer would share the stage is refused: make the projection the block's
+    # second conv's stage-mate by refitting only those two
+    second = next(n for n, p in partners.items() if p in [t.name for t in nodes[projection[0]].outputs])
+    assert _residual_partners(model, [LayerFit(l) for l in layers if l.node in (second, projection[0])],
+                              [second, projection[0]]) == {}
+
+
+def test_residual_target_restores_the_block_sums_better_than_layer_targets():
+    from onnxslim_cv.obs import reconstruct_layers
+    from onnxslim_cv.sparsity import sparsifiable_layers
+    from onnxslim_cv.testing.models import sample_inputs
+
+    from .conftest import relative_output_error, sample_data
+
+    original = _folded_resnet()
+    proto = original.to_proto()
+    calib = sample_data(proto, 64, seed=0)
+    errors = {}
+    for residual in (False, True):
+        sparse = original.copy()
+        layers, _ = sparsifiable_layers(sparse)
+        fits = [LayerFit(layer, sparsity=0.5) for layer in layers]
+        reconstruct_layers(original, sparse, fits, calib, seed=0, residual=residual)
+        feeds = [sample_inputs(proto, seed=100 + k) for k in range(16)]  # held-out inputs
+        errors[residual] = relative_output_error(proto, sparse.to_proto(), feeds)
+    assert errors[True] < 0.9 * errors[False], errors  # measured: 0.76x
