@@ -145,14 +145,16 @@ def benchmark(
     return BenchReport(threads=threads, timings=timings, ratio=ratio, ratio_of_medians=ratio_of_medians)
 
 
-def node_times(model: Union[str, bytes, onnx.ModelProto], feed: Dict[str, np.ndarray], *, runs: Optional[int] = None,
-               seconds: float = 2.0, threads: int = 1, warmup: int = 5) -> Dict[str, float]:
-    """Median onnxruntime kernel time (ms) of every executed node, from its profiler.
+def node_times(models: Sequence[Union[str, bytes, onnx.ModelProto]], feed: Dict[str, np.ndarray], *,
+               runs: Optional[int] = None, seconds: float = 2.0, threads: int = 1, warmup: int = 5) -> List[Dict[str, float]]:
+    """Median onnxruntime kernel time (ms) of every executed node of each model, from its profiler.
 
-    For attributing time to the model's own nodes, so the session optimizes at the extended
-    level: fusions (Conv + BN + Relu) keep the surviving node's name, the fused-away nodes are
-    absent. The full level's NCHWc layout pass renames every conv after its output tensor, and
-    runs somewhat faster overall, so these are per-node shares, not the deployed latency.
+    The models run interleaved, one run each per iteration (as :func:`benchmark`), so that
+    drift hits them alike. For attributing time to the model's own nodes the sessions optimize
+    at the extended level: fusions (Conv + BN + Relu) keep the surviving node's name, the
+    fused-away nodes are absent. The full level's NCHWc layout pass renames every conv after its
+    output tensor and runs somewhat faster overall, so these are per-node shares, not the
+    deployed latency.
     """
     import json
     import os
@@ -160,33 +162,40 @@ def node_times(model: Union[str, bytes, onnx.ModelProto], feed: Dict[str, np.nda
 
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with tempfile.TemporaryDirectory() as folder:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        sessions = []
+        for index, model in enumerate(models):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(folder, f"profile{index}")
+            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+            sessions.append(ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]))
         started = time.perf_counter()
         for _ in range(warmup):
-            session.run(None, feed)
+            for session in sessions:
+                session.run(None, feed)
         if runs is None:  # as many as fit in ``seconds`` (the profiler's overhead included)
             runs = int(min(max(seconds * warmup / max(time.perf_counter() - started, 1e-6), 20), 2000))
-        for _ in range(runs):
-            session.run(None, feed)
-        with open(session.end_profiling()) as handle:
-            events = json.load(handle)
-    samples: Dict[str, List[float]] = {}
-    for event in events:
-        name = event.get("name", "")
-        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
-            samples.setdefault(name[: -len("_kernel_time")], []).append(event["dur"] / 1e3)
-    # the first ``warmup`` runs of every node are discarded
-    return {name: statistics.median(values[warmup:] or values) for name, values in samples.items()}
+        for iteration in range(runs):
+            for session in sessions if iteration % 2 == 0 else reversed(sessions):
+                session.run(None, feed)
+        results = []
+        for session in sessions:
+            with open(session.end_profiling()) as handle:
+                events = json.load(handle)
+            samples: Dict[str, List[float]] = {}
+            for event in events:
+                name = event.get("name", "")
+                if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+                    samples.setdefault(name[: -len("_kernel_time")], []).append(event["dur"] / 1e3)
+            # the first ``warmup`` runs of every node are discarded
+            results.append({name: statistics.median(values[warmup:] or values) for name, values in samples.items()})
+    return results
 
 
 def _label(model, index: int) -> str:

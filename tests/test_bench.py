@@ -51,7 +51,10 @@ def test_bad_arguments():
 def test_node_times_name_the_model_nodes_that_survive_fusion():
     model = models.conv_chain()  # conv -> bn -> relu, three times: BN and Relu fuse into the convs
     feed = random_feed(runtime.make_session(model))
-    times = node_times(model, feed, runs=5, warmup=1)
+    (times,) = node_times([model], feed, runs=5, warmup=1)
     convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
     assert sorted(times) == sorted(convs)
     assert all(value > 0 for value in times.values())
+    # interleaved: one profile per model, each of its own nodes
+    first, second = node_times([model, model], feed, runs=5, warmup=1)
+    assert sorted(first) == sorted(second) == sorted(convs)

@@ -160,7 +160,7 @@ def factored_layer_times(fp32_times: Dict[str, float], times: Dict[str, float], 
     """Profiled kernel time of the factored layers before and after, against their MACs.
 
     ``fp32_times`` / ``times``: :func:`onnxslim_cv.bench.node_times` of the named fp32 file and
-    of the written one, where a factored layer is its own name plus ``<name>/factorK``. This
+    of the written one (profiled interleaved), where a factored layer is its own name plus ``<name>/factorK``. This
     separates the issue's "no slowdown from tiny factor layers" (these layers' time against
     their MACs) from the time of everything lowrank does not touch (depthwise convs,
     activations, concats), which is why a whole model's latency falls less than its MACs.
@@ -184,7 +184,7 @@ def factored_layer_times(fp32_times: Dict[str, float], times: Dict[str, float], 
 
 def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: Path, run: Dict[str, Any],
              calibration, *, classifier: bool, eval_n: int, calib_n: int, latency_seconds: float,
-             fp32_times: Optional[Dict[str, float]] = None, feed=None) -> Dict[str, Any]:
+             named: Optional[Path] = None, feed=None) -> Dict[str, Any]:
     """One lowrank run, written, measured and evaluated; never raises (a failure is a result)."""
     from evaluate import evaluate
 
@@ -231,9 +231,10 @@ def run_cell(entry, data, model, fp32_path: Path, fp32: Dict[str, Any], folder: 
         cell["latency_ms"] = [t.median_ms for t in timing.timings]
         cell["latency_per_macs"] = (timing.ratio / cell["macs_ratio"]
                                     if timing.ratio is not None and cell["macs_ratio"] else None)
-        if fp32_times is not None and layers:
+        if named is not None and layers:
             stage = "profiling the factored layers"
-            cell["factored"] = factored_layer_times(fp32_times, node_times(str(path), feed), layers)
+            before, after = node_times([str(named), str(path)], feed)  # interleaved, as the latency
+            cell["factored"] = factored_layer_times(before, after, layers)
         stage = "evaluating"
         quality = evaluate(path, data, reference=None if classifier else fp32_path, limit=eval_n)
         cell["quality"] = {k: quality[k] for k in ("samples", "metrics", "primary", "agreement", "agreement_primary")}
@@ -276,7 +277,6 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     noise = benchlib.latency(fp32_path, fp32_path, seconds=args.latency_seconds)
     named = named_fp32(fp32_path, folder)
     feed = random_feed(runtime.make_session(str(named)))
-    fp32_times = node_times(str(named), feed)
     row: Dict[str, Any] = {
         "key": entry.key, "task": entry.task, "classifier": classifier,
         "eval_samples": fp32_quality["samples"], "calibration_samples": calib_n if needs_data else 0,
@@ -297,7 +297,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
         benchlib.progress(f"{entry.key} {run['name']} ...")
         row["cells"].append(run_cell(entry, data, model, fp32_path, row["fp32"], folder, run, calibration,
                                      classifier=classifier, eval_n=eval_n, calib_n=calib_n,
-                                     latency_seconds=args.latency_seconds, fp32_times=fp32_times, feed=feed))
+                                     latency_seconds=args.latency_seconds, named=named, feed=feed))
     row["seconds"] = time.perf_counter() - started
     benchlib.progress(f"{entry.key}: done in {row['seconds']:.0f} s")
     return row
