@@ -301,12 +301,16 @@ class LowRankPass(Pass):
         self._candidates(model, layers, data, context, report)
         model_macs = _per_sample_macs(model_stats(model), layers)  # layer shapes count one sample
         plans = self._choose(model, layers, model_macs, allocation, context, report)
-        if len(plans) > 1:
+        if len({plan.key() for plan in plans.values()}) > 1:
             self._factor_best(model, layers, plans, data, context, report)
         else:
-            for plan in plans.values():
+            for name, plan in list(plans.items())[:1]:
                 _apply_plan(layers, plan)
-                self._report_plan(report, plan)
+                if len(plans) > 1:  # auto, with nothing to compare
+                    self._report_plan(report, plan, {"chosen": name, "candidates": {}})
+                    report.notes.append("allocation auto: every rule chose the same ranks")
+                else:
+                    self._report_plan(report, plan)
             chosen = [item for item in layers if item.chosen is not None]
             if chosen and method == "data":
                 self._factor_on_data(model, chosen, data, context)
@@ -482,21 +486,12 @@ class LowRankPass(Pass):
         """
         from onnxslim_cv import sensitivity
 
-        distinct: Dict[Tuple, str] = {}
-        for name, plan in plans.items():
-            distinct.setdefault(plan.key(), name)
-        if len(distinct) == 1:
-            name = next(iter(plans))
-            _apply_plan(layers, plans[name])
-            self._factor_on_data(model, [item for item in layers if item.chosen is not None], data, context)
-            self._report_plan(report, plans[name], {"chosen": name, "candidates": {}})
-            report.notes.append("allocation auto: every rule chose the same ranks")
-            return
         reference = sensitivity.ReferenceOutputs(model, data)
         rows: Dict[str, Dict[str, Any]] = {}
-        made: Dict[str, Tuple[Model, Dict[str, tuple]]] = {}
+        first_with: Dict[Tuple, str] = {}
+        best = None  # (loss, name, factored model, per-layer results)
         for name, plan in plans.items():
-            first = distinct[plan.key()]
+            first = first_with.setdefault(plan.key(), name)
             if first != name:
                 rows[name] = dict(rows[first], same_as=first)
                 continue
@@ -504,10 +499,10 @@ class LowRankPass(Pass):
             work = model.copy()
             chosen = [item for item in layers if item.chosen is not None]
             self._factor_on_data(work, chosen, data, context)
-            made[name] = (work, {item.node: (item.error, item.error_factored, item.note) for item in chosen})
             rows[name] = {"cosine": reference.loss(work)["cosine"], "macs_kept": plan.details["kept_macs"]}
-        best = min(rows, key=lambda name: rows[name]["cosine"])  # ties: the first
-        work, state = made[rows[best].get("same_as", best)]
+            if best is None or rows[name]["cosine"] < best[0]:  # ties: the first
+                best = (rows[name]["cosine"], name, work, {item.node: (item.error, item.error_factored, item.note) for item in chosen})
+        _, best, work, state = best
         model.graph = work.graph
         _apply_plan(layers, plans[best])
         for item in layers:
