@@ -160,21 +160,10 @@ def node_times(models: Sequence[Union[str, bytes, onnx.ModelProto]], feed: Dict[
     import os
     import tempfile
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as folder:
-        sessions = []
-        for index, model in enumerate(models):
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            options.enable_profiling = True
-            options.profile_file_prefix = os.path.join(folder, f"profile{index}")
-            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-            sessions.append(ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]))
+        sessions = [runtime.make_session(model, threads=threads, optimize="extended",
+                                         profile_prefix=os.path.join(folder, f"profile{index}"))
+                    for index, model in enumerate(models)]
         started = time.perf_counter()
         for _ in range(warmup):
             for session in sessions:

@@ -95,12 +95,15 @@ def make_session(
     model: ModelSource,
     *,
     threads: Optional[int] = None,
-    optimize: bool = True,
+    optimize: Union[bool, str] = True,
     optimized_model_path: Optional[str] = None,
     quiet: bool = False,
+    profile_prefix: Optional[str] = None,
 ) -> ort.InferenceSession:
     """A CPU session. ``threads`` pins intra-op threads (benchmarks use 1 for stable numbers);
-    ``quiet`` silences onnxruntime's own error lines (for probes whose failure is an answer)."""
+    ``optimize``: True (every graph optimization), False (none) or ``"extended"`` (fusions, but
+    not the NCHWc layout pass that renames convs); ``quiet`` silences onnxruntime's own error
+    lines (for probes whose failure is an answer); ``profile_prefix`` turns its profiler on."""
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 4 if quiet else _LOG_ERRORS_ONLY
     if threads is not None:
@@ -108,8 +111,12 @@ def make_session(
         session_options.inter_op_num_threads = 1
     session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     session_options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if optimize == "extended"
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    if profile_prefix:
+        session_options.enable_profiling = True
+        session_options.profile_file_prefix = profile_prefix
     if optimized_model_path:
         session_options.optimized_model_filepath = optimized_model_path
     if isinstance(model, onnx.ModelProto):
