@@ -46,7 +46,9 @@ from onnxslim_cv.qdq import (
     plan_quantization,
 )
 
-CALIB_METHODS = ("minmax", "percentile", "entropy", "mse")
+CALIB_METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
+AUTO_METHODS = ("percentile", "mse", "minmax", "entropy")  # ties go to the earlier one
+METHOD_SAMPLES = 64  # calibration samples on which --calib-method auto compares the methods
 METRICS = ("cosine", "snr", "top1")
 DEFAULT_SAMPLES = 256
 FALLBACK_SAMPLES = 64
@@ -89,9 +91,11 @@ class QuantPass(Pass):
                    "TensorRT, which fuses conv and activation itself; onnxruntime CPU then keeps convs "
                    "followed by Relu in float)", choices=ACT_TYPES, flag="--act-type",
                    metavar="TYPE"),
-        PassOption("calib_method", "percentile", "activation range from calibration data: minmax, percentile "
-                   "(--quant-percentile of each tail), entropy (KL, TensorRT style) or mse (least quantization "
-                   "error); all stream, so memory does not grow with --quant-samples",
+        PassOption("calib_method", "auto", "activation range from calibration data: minmax, percentile "
+                   "(--quant-percentile of each tail), entropy (KL, TensorRT style), mse (least quantization "
+                   "error), or auto: all four from the same histograms, keeping the one whose int8 outputs are "
+                   "closest to fp32 (cosine) on the calibration samples; all stream, so memory does not grow "
+                   "with --quant-samples",
                    choices=CALIB_METHODS, flag="--calib-method", metavar="METHOD"),
         PassOption("percentile", 99.999, "percentile kept by --calib-method percentile", parse=_percent, metavar="P"),
         PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=positive_int, metavar="N"),
@@ -147,8 +151,19 @@ class QuantPass(Pass):
         timings: Dict[str, float] = {}
         mark = time.perf_counter()
         stats = _calibrate(float_model, plan, data, method, context)
-        ranges = _ranges(plan, stats, method, config, act_type)
-        timings["calibration"] = time.perf_counter() - mark
+        if method == "auto":
+            timings["calibration"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            corrections = (_bias_correction(float_model, plan, stats, config, data, context)
+                           if config["bias_correction"] in ("auto", "on") else {})
+            method, plan, ranges, choice = _choose_method(float_model, plan, stats, config, act_type, data,
+                                                          corrections, context)
+            report.details["calibration_method"] = choice
+            report.notes.append(_method_note(choice))
+            timings["calibration_method"] = time.perf_counter() - mark
+        else:
+            ranges = _ranges(plan, stats, method, config, act_type)
+            timings["calibration"] = time.perf_counter() - mark
 
         placement_note = None
         mark = time.perf_counter()
@@ -238,7 +253,11 @@ def _calibrate(model, plan: QuantPlan, data, method, context):
     derived = _derived_tensors(plan)
     names = [t for t in plan.quantized if t not in plan.fixed_ranges and t not in derived]
     count = data.count()
-    if calib_stats.needs_histogram(method) and count is not None and count < MIN_HISTOGRAM_SAMPLES:
+    if method == "auto":  # the histogram serves every method
+        histogram_method = "percentile"
+    else:
+        histogram_method = method
+    if calib_stats.needs_histogram(histogram_method) and count is not None and count < MIN_HISTOGRAM_SAMPLES:
         raise UserError(
             f"quant: --calib-method {method} needs at least {MIN_HISTOGRAM_SAMPLES} calibration samples to estimate "
             f"a distribution, got {count}; give more samples or use --calib-method minmax"
@@ -246,7 +265,7 @@ def _calibrate(model, plan: QuantPlan, data, method, context):
     # The inputs' channel means for bias correction come from the same pass over the data.
     axes = {node.inputs[0].name: 1 for node in _corrected_layers(model, plan)}
     with progress_bar(context, total=None, desc=f"quant: calibrate ({method})", unit="batch") as bar:
-        stats = calib_stats.collect_stats(model, names, data, method=method, progress=bar, channel_axes=axes)
+        stats = calib_stats.collect_stats(model, names, data, method=histogram_method, progress=bar, channel_axes=axes)
     if stats.samples == 0:
         raise UserError("quant: the calibration data is empty")
     return stats
@@ -320,6 +339,50 @@ def _ranges(plan: QuantPlan, stats, method: str, config, act_type: str) -> Dict[
         for name in members:
             ranges[name] = (float(lo), float(hi))
     return ranges
+
+
+def _choose_method(float_model, plan: QuantPlan, stats, config, act_type: str, data, corrections, context):
+    """The calibration method whose int8 model is closest to fp32 on the calibration samples.
+
+    Which tail clipping is right depends on the network: percentile suits classifiers whose
+    activations have rare outliers, while a text-probability map (PP-OCR det) loses its
+    faint text to it and wants mse or min/max. The histograms are already there, so every
+    method's ranges cost little; each distinct set is emitted as the pass would emit it (with
+    the bias ``corrections``, which do not depend on the ranges) and run on ``METHOD_SAMPLES``
+    calibration samples.
+    Returns (method, its plan with Concat ties for its ranges, ranges, report details).
+    """
+    import copy
+
+    sample = data.limited(METHOD_SAMPLES)
+    reference = _outputs(float_model, sample)
+    candidates: Dict[str, Tuple[QuantPlan, Dict[str, Tuple[float, float]]]] = {}
+    losses: Dict[str, float] = {}
+    same_as: Dict[str, str] = {}
+    with progress_bar(context, total=len(AUTO_METHODS), desc="quant: compare calibration methods",
+                      unit="method") as bar:
+        for method in AUTO_METHODS:
+            own_plan = copy.deepcopy(plan)
+            ranges = _ranges(own_plan, stats, method, config, act_type)
+            twin = next((m for m, (p, r) in candidates.items() if r == ranges and p.ties == own_plan.ties), None)
+            if twin is not None:
+                same_as[method] = twin
+            else:
+                candidates[method] = (own_plan, ranges)
+                model, _ = _emit(float_model, own_plan, _params(own_plan, ranges, act_type), config, corrections)
+                losses[method] = output_loss(reference, _outputs(model, sample), "cosine")
+            bar.update(1)
+    chosen = min(losses, key=lambda m: (losses[m], AUTO_METHODS.index(m)))
+    own_plan, ranges = candidates[chosen]
+    details = {"chosen": chosen, "metric": "cosine", "samples": sum(len(batch[0]) for batch in reference),
+               "losses": {m: losses.get(same_as.get(m, m)) for m in AUTO_METHODS}, "same_ranges": same_as}
+    return chosen, own_plan, ranges, details
+
+
+def _method_note(choice) -> str:
+    losses = ", ".join(f"{m} {v:.3g}" for m, v in choice["losses"].items() if v is not None)
+    return (f"calibration method: auto chose {choice['chosen']} (1 - cosine of the outputs against fp32 on "
+            f"{choice['samples']} calibration samples: {losses})")
 
 
 def _params(plan: QuantPlan, ranges, act_type: str) -> Dict[str, QuantParams]:
@@ -525,14 +588,16 @@ def output_loss(reference: List[List[np.ndarray]], candidate: List[List[np.ndarr
                 noise += float(np.sum((a - b) ** 2))
                 signal += float(np.sum(a ** 2))
         return noise / max(signal, 1e-30)
+    from onnxslim_cv.verify import _cosine
+
+    # verify's cosine: an output that quantization zeroed where fp32's is not counts as lost
+    # (cosine 0), not as a perfect match; two all-zero outputs agree.
     cosines = []
     for ref, cand in zip(reference, candidate):
         for a, b in zip(ref, cand):
             a = a.reshape(a.shape[0], -1).astype(np.float64)
             b = b.reshape(b.shape[0], -1).astype(np.float64)
-            num = np.sum(a * b, axis=1)
-            den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            cosines.extend(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0).tolist())
+            cosines.extend(_cosine(x, y) for x, y in zip(a, b))
     return 1.0 - float(np.mean(cosines)) if cosines else 0.0
 
 

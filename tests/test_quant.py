@@ -222,7 +222,48 @@ def test_every_calibration_method_runs_and_stays_close(method):
     assert all(row["scale"] > 0 for row in report.details["tensors"])
 
 
-@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_auto_is_the_default_calibration_method_and_says_what_it_chose():
+    proto = test_models.build("resnet_basic_block")
+    _, out, report = _quant(proto)
+    choice = report.details["calibration_method"]
+    assert report.options["calib_method"] == "auto"
+    assert choice["chosen"] in ("percentile", "mse", "minmax", "entropy")
+    assert set(choice["losses"]) == {"percentile", "mse", "minmax", "entropy"}
+    assert any(n.startswith(f"calibration method: auto chose {choice['chosen']}") for n in report.notes)
+    assert min(_cosines(proto, out)) >= 0.95
+
+
+@pytest.mark.parametrize("name", ["resnet_basic_block", "detection_head"])
+def test_auto_keeps_the_method_with_the_lowest_output_loss_as_measured(name):
+    """Each loss auto records is what that method's own model scores, and it keeps the lowest."""
+    from onnxslim_cv.passes.quant import _outputs, output_loss
+
+    proto = test_models.build(name)
+    data = _data(proto, 24)
+    _, _, report = _quant(proto, data)
+    choice = report.details["calibration_method"]
+    losses = {m: v for m, v in choice["losses"].items()}
+    assert choice["chosen"] == min(losses, key=lambda m: (losses[m], list(losses).index(m)))
+    assert len(set(losses.values())) > 1  # the methods do give different ranges here
+    float_model = Model.from_proto(proto)
+    reference = _outputs(float_model, data)
+    for method, recorded in losses.items():
+        _, out, _ = _quant(proto, data, calib_method=method)
+        assert output_loss(reference, _outputs(out, data), "cosine") == pytest.approx(recorded, rel=1e-6, abs=1e-12)
+
+
+def test_output_loss_counts_a_zeroed_output_as_lost():
+    """An output map that quantization clipped to all zeros (a text map with faint text) is a
+    total loss for that sample, not a perfect match; two all-zero outputs agree."""
+    from onnxslim_cv.passes.quant import output_loss
+
+    ref = [[np.array([[0.0, 0.2, 0.9], [0.0, 0.0, 0.0]], np.float32)]]
+    zeroed = [[np.zeros((2, 3), np.float32)]]
+    assert output_loss(ref, ref, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert output_loss(ref, zeroed, "cosine") == pytest.approx(0.5, abs=1e-6)  # sample 1 lost, sample 2 agrees
+
+
+@pytest.mark.parametrize("method", ["auto", "percentile", "entropy", "mse"])
 def test_too_few_samples_for_a_histogram_method_is_a_clear_error(method):
     proto = test_models.build("conv_chain")
     with pytest.raises(UserError, match=method) as info:
