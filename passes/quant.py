@@ -9,7 +9,8 @@ The pipeline inside the pass, in order:
    the high-resolution, few-channel stem that onnxruntime runs faster in float (NCHWc fp32
    beats its NHWC int8 kernels there) is found by timing candidates on this machine;
 4. streaming calibration of the quantized tensors (``onnxslim_cv.calib_stats``): memory does
-   not grow with the number of samples;
+   not grow with the number of samples; ``--calib-method auto`` (the default) then keeps the
+   method whose int8 model is closest to fp32 on the calibration samples;
 5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
 6. bias correction: the mean shift int8 weights add to each layer's output, (W_q - W) E[x]
    with E[x] from the calibration pass, is subtracted from its bias (Nagel et al. 2019, sec. 4.2);
@@ -97,7 +98,8 @@ class QuantPass(Pass):
                    "closest to fp32 (cosine) on the calibration samples; all stream, so memory does not grow "
                    "with --quant-samples",
                    choices=CALIB_METHODS, flag="--calib-method", metavar="METHOD"),
-        PassOption("percentile", 99.999, "percentile kept by --calib-method percentile", parse=_percent, metavar="P"),
+        PassOption("percentile", 99.999, "percentile kept by --calib-method percentile (and by auto's percentile "
+                   "candidate)", parse=_percent, metavar="P"),
         PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=positive_int, metavar="N"),
         PassOption("per_tensor", False, "one scale per weight tensor instead of one per output channel "
                    "(per-channel is the default and almost always more accurate)", is_switch=True),
