@@ -194,12 +194,13 @@ def _label(model, index: int) -> str:
 
 
 def race(models: Sequence[Any], feed: Dict[str, np.ndarray], *, seconds: float = 1.5, threads: int = 1,
-         min_rounds: int = 5) -> List[float]:
+         min_rounds: int = 5, max_rounds: int = 10_000) -> List[float]:
     """Median milliseconds of each model on ``feed``, timed round-robin in one loop.
 
     For choosing between several candidates quickly: every round runs each model once (in a
     rotating order), so machine noise hits all of them alike, and the total time is bounded
-    by ``seconds`` whatever the number of candidates.
+    by ``seconds`` whatever the number of candidates; small models stop at ``max_rounds``
+    (a median of a few hundred runs is already steady) instead of filling the time.
     """
     sessions = [runtime.make_session(m, threads=threads) for m in models]
     for session in sessions:  # warm up: first runs allocate and pick kernels
@@ -216,6 +217,6 @@ def race(models: Sequence[Any], feed: Dict[str, np.ndarray], *, seconds: float =
             sessions[index].run(None, feed)
             samples[index].append(time.perf_counter() - started)
         rounds += 1
-        if rounds >= 10_000:
+        if rounds >= max(max_rounds, min_rounds):
             break
     return [statistics.median(times) * 1e3 for times in samples]

@@ -55,6 +55,7 @@ DEFAULT_SAMPLES = 256
 FALLBACK_SAMPLES = 64
 MIN_HISTOGRAM_SAMPLES = 8
 PLACEMENT_SECONDS = 1.5  # total timing budget for the candidate placements
+PLACEMENT_ROUNDS = 300  # ... reached sooner by small models: 300 runs of each candidate are plenty
 PLACEMENT_MARGIN = 0.02  # a float stem must win by this much to be chosen over all-int8
 OUTPUT_LAYER_SHARE = 0.02  # output layers stay float while together under 2% of the MACs
 BIAS_SAMPLES = 64
@@ -549,7 +550,7 @@ def _choose_float_stem(float_model, plan, ranges, act_type, config, data, base_f
         protos.append(model.to_proto())
     try:
         feed = next(iter(data.batches(1)))
-        times = dict(zip(variants, race(protos, feed, seconds=PLACEMENT_SECONDS)))
+        times = dict(zip(variants, race(protos, feed, seconds=PLACEMENT_SECONDS, max_rounds=PLACEMENT_ROUNDS)))
     except Exception as exc:  # timing is an optimisation: never fail the pass on it
         return [], f"placement: timing failed ({type(exc).__name__}), every supported op int8"
     best = min(times, key=lambda k: times[k] * (1.0 if k == "all int8" else 1.0 + PLACEMENT_MARGIN))

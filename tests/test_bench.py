@@ -58,3 +58,17 @@ def test_node_times_name_the_model_nodes_that_survive_fusion():
     # interleaved: one profile per model, each of its own nodes
     first, second = node_times([model, model], feed, runs=5, warmup=1)
     assert sorted(first) == sorted(second) == sorted(convs)
+
+
+def test_race_stops_at_max_rounds_for_small_models_and_ranks_by_work():
+    import time
+
+    from onnxslim_cv.bench import race
+
+    small = models.conv_chain()
+    feed = random_feed(runtime.make_session(small))
+    big = models.conv_chain(channels=(128, 256, 256))  # same input, ~250x the MACs
+    started = time.perf_counter()
+    small_ms, big_ms = race([small, big], feed, seconds=60.0, max_rounds=40)
+    assert time.perf_counter() - started < 30  # 40 rounds, not the 60 s budget
+    assert 0 < small_ms < big_ms
