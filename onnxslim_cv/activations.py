@@ -72,50 +72,13 @@ def _relax_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def iterate(session, data, names: Sequence[str], *, batch_size: int = DEFAULT_BATCH) -> Iterator[Dict[str, np.ndarray]]:
-    """``{name: activation}`` for every batch of ``data`` (a CalibrationData or iterable of feeds).
-
-    A session with a fixed batch (most exports: batch 1) runs one sample at a time; its
-    results are still handed out ``batch_size`` samples at a time (joined along the batch
-    axis) so that the caller's per-batch numpy work (histograms, moments) is not repeated
-    for every sample. Batches whose tensors do not all lead with the batch dim are handed
-    out as they come.
-    """
-    run_batch = session_batch_size(session, batch_size)
-    if hasattr(data, "batches"):
-        batches, group = data.batches(run_batch), max(1, batch_size // run_batch)
-    else:
-        batches, group = iter(data), 1
+    """``{name: activation}`` for every batch of ``data`` (a CalibrationData or iterable of feeds)."""
+    batch_size = session_batch_size(session, batch_size)
+    batches = data.batches(batch_size) if hasattr(data, "batches") else iter(data)
     names = list(names)
-    pending: List[List[np.ndarray]] = []
     for feed in batches:
-        values = [np.asarray(v) for v in runtime.run(session, feed, names)]
-        if group == 1 or not _leads_with_batch(values, _batch_of(feed)):
-            yield from (dict(zip(names, v)) for v in _flush(pending))
-            pending = []
-            yield dict(zip(names, values))
-            continue
-        pending.append(values)
-        if len(pending) >= group:
-            yield from (dict(zip(names, v)) for v in _flush(pending))
-            pending = []
-    yield from (dict(zip(names, v)) for v in _flush(pending))
-
-
-def _batch_of(feed: Dict[str, np.ndarray]) -> Optional[int]:
-    sizes = {int(np.shape(v)[0]) for v in feed.values() if np.ndim(v) > 0}
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _leads_with_batch(values: Sequence[np.ndarray], batch: Optional[int]) -> bool:
-    return batch is not None and all(v.ndim > 0 and v.shape[0] == batch for v in values)
-
-
-def _flush(pending: List[List[np.ndarray]]) -> Iterator[List[np.ndarray]]:
-    """The pending runs' tensors joined along the batch axis (nothing for no runs)."""
-    if len(pending) == 1:
-        yield pending[0]
-    elif pending:
-        yield [np.concatenate(parts, axis=0) for parts in zip(*pending)]
+        values = runtime.run(session, feed, names)
+        yield dict(zip(names, values))
 
 
 def prefetch(iterator: Iterator, depth: int = 1) -> Iterator:
