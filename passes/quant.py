@@ -256,10 +256,7 @@ def _calibrate(model, plan: QuantPlan, data, method, context):
     derived = _derived_tensors(plan)
     names = [t for t in plan.quantized if t not in plan.fixed_ranges and t not in derived]
     count = data.count()
-    if method == "auto":  # the histogram serves every method
-        histogram_method = "percentile"
-    else:
-        histogram_method = method
+    histogram_method = "percentile" if method == "auto" else method  # auto: the histogram serves every method
     if calib_stats.needs_histogram(histogram_method) and count is not None and count < MIN_HISTOGRAM_SAMPLES:
         raise UserError(
             f"quant: --calib-method {method} needs at least {MIN_HISTOGRAM_SAMPLES} calibration samples to estimate "
@@ -357,8 +354,10 @@ def _choose_method(float_model, plan: QuantPlan, stats, config, act_type: str, d
     """
     import copy
 
+    from onnxslim_cv.sensitivity import ReferenceOutputs
+
     sample = data.limited(METHOD_SAMPLES)
-    reference = _outputs(float_model, sample)
+    reference = ReferenceOutputs(float_model, sample)
     candidates: Dict[str, Tuple[QuantPlan, Dict[str, Tuple[float, float]]]] = {}
     losses: Dict[str, float] = {}
     same_as: Dict[str, str] = {}
@@ -373,19 +372,19 @@ def _choose_method(float_model, plan: QuantPlan, stats, config, act_type: str, d
             else:
                 candidates[method] = (own_plan, ranges)
                 model, _ = _emit(float_model, own_plan, _params(own_plan, ranges, act_type), config, corrections)
-                losses[method] = output_loss(reference, _outputs(model, sample), "cosine")
+                losses[method] = reference.loss(model)["cosine"]
             bar.update(1)
     chosen = min(losses, key=lambda m: (losses[m], AUTO_METHODS.index(m)))
     own_plan, ranges = candidates[chosen]
-    details = {"chosen": chosen, "metric": "cosine", "samples": sum(len(batch[0]) for batch in reference),
+    details = {"chosen": chosen, "metric": "cosine", "samples": sample.count(),
                "losses": {m: losses.get(same_as.get(m, m)) for m in AUTO_METHODS}, "same_ranges": same_as}
     return chosen, own_plan, ranges, details
 
 
 def _method_note(choice) -> str:
     losses = ", ".join(f"{m} {v:.3g}" for m, v in choice["losses"].items() if v is not None)
-    return (f"calibration method: auto chose {choice['chosen']} (1 - cosine of the outputs against fp32 on "
-            f"{choice['samples']} calibration samples: {losses})")
+    on = f"{choice['samples']} calibration samples" if choice["samples"] else "the calibration samples"
+    return f"calibration method: auto chose {choice['chosen']} (1 - cosine of the outputs against fp32 on {on}: {losses})"
 
 
 def _params(plan: QuantPlan, ranges, act_type: str) -> Dict[str, QuantParams]:
