@@ -317,12 +317,12 @@ def collect_stats(
     feed dicts), tapping tensors ``names``, and merge statistics batch by batch.
 
     Only minmax skips the histogram, which makes its pass over the data several times faster.
-    ``channel_axes`` (tensor -> channel axis) also accumulates per-channel moments of those
-    tensors in the same pass (``stats.moments``), for passes that need channel means too.
+    ``channel_axes`` (tensor -> channel axis) also accumulates per-channel means of those
+    tensors in the same pass (``stats.moments``, mean only), for passes that need them too.
     """
     stats = CalibrationStats(names, histogram=needs_histogram(method), bins=bins)
     channel_axes = dict(channel_axes or {})
-    stats.moments = {name: activations.ChannelMoments(axis) for name, axis in channel_axes.items()}
+    stats.moments = {name: activations.ChannelMoments(axis, mean_only=True) for name, axis in channel_axes.items()}
     tapped = list(dict.fromkeys(list(stats.tensors) + list(channel_axes)))
     if not tapped:
         return stats
