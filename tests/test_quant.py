@@ -252,6 +252,22 @@ def test_auto_keeps_the_method_with_the_lowest_output_loss_as_measured(name):
         assert output_loss(reference, _outputs(out, data), "cosine") == pytest.approx(recorded, rel=1e-6, abs=1e-12)
 
 
+def test_placement_keeps_more_layers_float_only_when_as_fast():
+    from onnxslim_cv.passes.quant import _pick_placement
+
+    variants = {"all int8": [], "first 1 compute ops float": ["c0"], "first 3 compute ops float": ["c0", "c1", "c2"]}
+    # a near-tie (within 2%): the candidate with more float layers
+    assert _pick_placement({"all int8": 0.340, "first 1 compute ops float": 0.335,
+                            "first 3 compute ops float": 0.45}, variants) == "first 1 compute ops float"
+    assert _pick_placement({"all int8": 0.330, "first 1 compute ops float": 0.336,
+                            "first 3 compute ops float": 0.45}, variants) == "first 1 compute ops float"
+    # a clear win: the fastest, whatever it keeps float
+    assert _pick_placement({"all int8": 0.30, "first 1 compute ops float": 0.33,
+                            "first 3 compute ops float": 0.45}, variants) == "all int8"
+    assert _pick_placement({"all int8": 7.0, "first 1 compute ops float": 6.6,
+                            "first 3 compute ops float": 6.4}, variants) == "first 3 compute ops float"
+
+
 def test_output_loss_counts_a_zeroed_output_as_lost():
     """An output map that quantization clipped to all zeros (a text map with faint text) is a
     total loss for that sample, not a perfect match; two all-zero outputs agree."""
