@@ -88,3 +88,34 @@ def test_exits_2_without_shared_folder(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "shared models folder is absent" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(zoo.shared_models_dir() is None, reason="shared models folder absent")
+def test_folds_calibrate_on_disjoint_blocks_and_evaluate_on_the_rest(bench_sparsify):
+    benchlib = sys.modules["benchlib"]
+    entry = zoo.ZOO["squeezenet"]
+    pool = entry.sample_names()
+    blocks = []
+    for k in range(4):
+        fold = benchlib.FoldedEntry(entry, k, 4, 128)
+        calibration = entry.calibration_sample_names(fold.size, offset=k * fold.size)
+        evaluation = [name for i, name in enumerate(pool) if i not in fold.skip]
+        assert fold.size == len(pool) // 4 and fold.eval_samples == len(evaluation) == len(pool) - fold.size
+        assert sorted(calibration + evaluation) == sorted(pool)
+        blocks.append(set(calibration))
+    assert len(set.union(*blocks)) == 4 * fold.size  # the blocks do not overlap
+
+
+def test_fold_of_a_model_without_its_own_labelled_pool_exits_2(bench_sparsify, capsys):
+    if zoo.shared_models_dir() is None:
+        pytest.skip("shared models folder absent")
+    assert bench_sparsify.main(["--models", "ppocr_cls", "--fold", "0/4"]) == 2
+    assert "cannot be folded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["4/4", "1/1", "a/b", "2"])
+def test_bad_fold_exits_2(bench_sparsify, text):
+    with pytest.raises(SystemExit) as info:
+        bench_sparsify.parse_args(["--fold", text])
+    assert info.value.code == 2

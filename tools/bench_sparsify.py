@@ -286,9 +286,15 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     from onnxslim_cv.storage import deflate_size
 
     started = time.perf_counter()
-    eval_n, calib_n = benchlib.disjoint_split(entry, args.eval_limit, args.calib)
-    calibration = benchlib.in_memory(entry.calibration(calib_n))
-    data = benchlib.CachedEntry(entry)  # every variant is evaluated on the same decoded samples
+    if args.fold:  # calibrate on block K of the pool, evaluate on all the rest
+        data = benchlib.FoldedEntry(entry, *args.fold, args.calib)
+        calib_n = data.size
+        eval_n = data.eval_samples if args.eval_limit is None else min(args.eval_limit, data.eval_samples)
+        calibration = benchlib.in_memory(data.calibration_data())
+    else:
+        eval_n, calib_n = benchlib.disjoint_split(entry, args.eval_limit, args.calib)
+        calibration = benchlib.in_memory(entry.calibration(calib_n))
+        data = benchlib.CachedEntry(entry)  # every variant is evaluated on the same decoded samples
     fp32_path = folder / f"{entry.key}.fp32.onnx"
     model = benchlib.prepare_fp32(entry, fp32_path)
     classifier = entry.is_labelled  # top-1 (as bench_quant: the labelled models are the classifiers)
@@ -458,6 +464,14 @@ def _naming_note(row: Dict[str, Any]) -> str:
     return ""
 
 
+def _fold_text(settings: Dict[str, Any]) -> str:
+    fold = settings.get("fold")
+    if not fold:
+        return ""
+    return (f" (fold {fold[0]} of {fold[1]}: block {fold[0]} of the pool read from its back, "
+            "evaluation on every other sample)")
+
+
 def render(results: Dict[str, Any]) -> str:
     settings = results["settings"]
     rows = results["models"]
@@ -471,7 +485,7 @@ def render(results: Dict[str, Any]) -> str:
             f"### {row['key']}",
             "",
             f"{what} on {row['eval_samples']} evaluation samples ({row['data']}); calibration: "
-            f"{row['calibration_samples']} disjoint samples; model wall time {row['seconds'] / 60:.1f} min."
+            f"{row['calibration_samples']} disjoint samples{_fold_text(settings)}; model wall time {row['seconds'] / 60:.1f} min."
             + _naming_note(row),
             "",
             model_table(row),
@@ -539,6 +553,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--no-nm", action="store_true", help="skip the N:M run")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the passes (the sampled conv positions): repeat with others to see the spread")
+    parser.add_argument("--fold", metavar="K/N",
+                        help="calibrate on block K of N of the pool (from its back, --calib samples or pool/N if "
+                             "fewer) and evaluate on every other sample, instead of the fixed split: run K = 0..N-1 "
+                             "to see how much a result owes to the split (labelled models only)")
     parser.add_argument("--recovery", default=",".join(DEFAULT_RECOVERY), metavar="LIST",
                         help="recoveries per configuration: none (magnitude), obs (reconstruction) "
                              "(default %(default)s)")
@@ -556,6 +574,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.eval_limit < 0:
         raise SystemExit("error: --eval-limit must be >= 0")
     args.eval_limit = None if args.eval_limit == 0 else args.eval_limit
+    args.fold = benchlib.parse_fold(args.fold)
     args.sparsities = _float_list(args.sparsities, "--sparsities")
     args.modes = _choices(args.modes, "--modes", MODES)
     args.recovery = _choices(args.recovery, "--recovery", RECOVERIES)
@@ -579,6 +598,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     SEED = args.seed
     entries = benchlib.select_models(args.models)  # exits 2 when the shared folder is absent
+    if args.fold:
+        unfit = [e.key for e in entries if not e.is_labelled or e.calibration_pool is not None]
+        if unfit:
+            print(f"error: --fold: {', '.join(unfit)} cannot be folded (labelled models calibrated from their "
+                  "evaluation pool only: e.g. --models squeezenet,resnet20)", file=sys.stderr)
+            return 2
     benchlib.quiet()
     import onnxslim_cv.passes  # noqa: F401  (registers the passes)
 
@@ -599,7 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "wall_seconds": wall,
         "settings": {
             "sparsities": args.sparsities, "modes": args.modes, "nm": args.nm, "recovery": args.recovery,
-            "eval_limit": args.eval_limit, "calib": args.calib, "seed": args.seed,
+            "eval_limit": args.eval_limit, "calib": args.calib, "seed": args.seed, "fold": args.fold,
             "onnxruntime": onnxruntime.__version__,
         },
         "models": rows,

@@ -187,6 +187,65 @@ def disjoint_split(entry: zoo.SharedModel, eval_limit: Optional[int], calib_limi
     return evaluation, min(calib_limit, pool - evaluation)
 
 
+class FoldedEntry:
+    """A labelled zoo model whose calibration samples are block ``fold`` of ``folds`` of its pool.
+
+    The default split (:func:`disjoint_split`) always calibrates on the back of the pool and
+    evaluates on the front, so every run is scored on the same images. Rotating the block
+    (``--fold K/N`` of the benchmarks) calibrates on each part of the pool in turn and evaluates
+    on all the rest, which shows how much a result owes to that one split. Block ``K`` is
+    ``calibration(size, offset=K * size)``, with ``size = min(calib, pool // folds)``;
+    :meth:`labelled` and :meth:`inputs` yield every other sample of the pool, in pool order.
+    """
+
+    def __init__(self, entry: zoo.SharedModel, fold: int, folds: int, calib: int):
+        if not entry.is_labelled or entry.calibration_pool is not None:
+            raise ValueError(f"{entry.key}: folds need a labelled model calibrated from its evaluation pool")
+        if not 0 <= fold < folds:
+            raise ValueError(f"fold {fold} of {folds}: need 0 <= fold < folds")
+        pool = len(entry.sample_names())
+        self.size = min(calib, pool // folds)
+        if self.size < 1:
+            raise ValueError(f"{entry.key}: {pool} samples cannot make {folds} folds")
+        self._entry = entry
+        self.fold, self.folds = fold, folds
+        # calibration() reads the pool from the back: offset K * size is pool index pool - 1 - K * size, down
+        self.skip = {pool - 1 - j for j in range(fold * self.size, (fold + 1) * self.size)}
+        self.eval_samples = pool - len(self.skip)
+        self._labelled: Optional[list] = None
+        self._inputs: Optional[list] = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._entry, name)
+
+    def calibration_data(self):
+        return self._entry.calibration(self.size, offset=self.fold * self.size)
+
+    def labelled(self, limit: Optional[int] = None):
+        if self._labelled is None:
+            self._labelled = [item for i, item in enumerate(self._entry.labelled(None)) if i not in self.skip]
+        return iter(self._labelled[:limit])
+
+    def inputs(self, limit: Optional[int] = None, *, offset: int = 0):
+        if self._inputs is None:
+            self._inputs = [item for i, item in enumerate(self._entry.inputs(None)) if i not in self.skip]
+        return iter(self._inputs[offset:][:limit])
+
+
+def parse_fold(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    """``"K/N"`` -> (K, N) with 0 <= K < N; None stays None; anything else exits 2."""
+    if text is None:
+        return None
+    try:
+        fold, folds = (int(part) for part in text.split("/"))
+        if folds < 2 or not 0 <= fold < folds:
+            raise ValueError
+    except ValueError:
+        print(f"error: --fold {text!r}: expected K/N with N >= 2 and 0 <= K < N (e.g. 0/4)", file=sys.stderr)
+        sys.exit(2)
+    return fold, folds
+
+
 def in_memory(calibration):
     """The same calibration samples, read once and kept in memory (for passes run repeatedly)."""
     from onnxslim_cv.calibration import CalibrationData
