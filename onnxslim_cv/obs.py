@@ -470,11 +470,9 @@ def _residual_partners(model: Model, fits: Sequence[LayerFit], names: Sequence[s
     return result
 
 
-def collect_statistics(model: Model, fits: Sequence[LayerFit], data, *, seed: int = 0, positions_per_sample: int = 256,
-                       progress=None) -> None:
+def collect_statistics(model: Model, fits: Sequence[LayerFit], data, *, seed: int = 0, progress=None) -> None:
     """Every layer's statistics from one pass of the original model (no solve)."""
-    reconstruct_layers(model, model, fits, data, seed=seed, positions_per_sample=positions_per_sample, sequential=False,
-                       finish=False, progress=progress)
+    reconstruct_layers(model, model, fits, data, seed=seed, sequential=False, finish=False, progress=progress)
 
 
 def refit_weights(fit: LayerFit, weight: np.ndarray, levels: Sequence[float], *, damp: float = DAMP) -> List[np.ndarray]:
