@@ -26,7 +26,9 @@ of the file, and the ``sparse_initializer`` file); the pass's wall time.
 
 Evaluation and calibration samples are disjoint (:func:`benchlib.disjoint_split`): evaluation
 reads the front of the zoo pool (the whole pool minus the calibration samples by default),
-calibration its back. Every failure is caught per cell and shown in the table.
+calibration its back. ``--fold K/N`` instead calibrates on block K of N of the pool and
+evaluates on all the rest (:class:`benchlib.FoldedEntry`; labelled models only), to see how
+much a result owes to the split. Every failure is caught per cell and shown in the table.
 """
 
 from __future__ import annotations
@@ -599,7 +601,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     SEED = args.seed
     entries = benchlib.select_models(args.models)  # exits 2 when the shared folder is absent
     if args.fold:
-        unfit = [e.key for e in entries if not e.is_labelled or e.calibration_pool is not None]
+        unfit = [e.key for e in entries if not benchlib.FoldedEntry.can_fold(e)]
         if unfit:
             print(f"error: --fold: {', '.join(unfit)} cannot be folded (labelled models calibrated from their "
                   "evaluation pool only: e.g. --models squeezenet,resnet20)", file=sys.stderr)

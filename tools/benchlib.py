@@ -198,8 +198,13 @@ class FoldedEntry:
     :meth:`labelled` and :meth:`inputs` yield every other sample of the pool, in pool order.
     """
 
+    @staticmethod
+    def can_fold(entry: zoo.SharedModel) -> bool:
+        """Labelled, and calibrated from its evaluation pool (not a separate one like PP-OCR cls)."""
+        return entry.is_labelled and entry.calibration_pool is None
+
     def __init__(self, entry: zoo.SharedModel, fold: int, folds: int, calib: int):
-        if not entry.is_labelled or entry.calibration_pool is not None:
+        if not self.can_fold(entry):
             raise ValueError(f"{entry.key}: folds need a labelled model calibrated from its evaluation pool")
         if not 0 <= fold < folds:
             raise ValueError(f"fold {fold} of {folds}: need 0 <= fold < folds")
