@@ -214,8 +214,8 @@ class FoldedEntry:
             raise ValueError(f"{entry.key}: {pool} samples cannot make {folds} folds")
         self._entry = entry
         self.fold, self.folds = fold, folds
-        # calibration() reads the pool from the back: offset K * size is pool index pool - 1 - K * size, down
-        self.skip = {pool - 1 - j for j in range(fold * self.size, (fold + 1) * self.size)}
+        calibration = set(entry.calibration_sample_names(self.size, offset=fold * self.size))
+        self.skip = {i for i, name in enumerate(entry.sample_names()) if name in calibration}
         self.eval_samples = pool - len(self.skip)
         self._labelled: Optional[list] = None
         self._inputs: Optional[list] = None
