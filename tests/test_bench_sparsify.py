@@ -104,7 +104,10 @@ def test_folds_calibrate_on_disjoint_blocks_and_evaluate_on_the_rest(bench_spars
         assert fold.size == len(pool) // 4 and fold.eval_samples == len(evaluation) == len(pool) - fold.size
         assert sorted(calibration + evaluation) == sorted(pool)
         blocks.append(set(calibration))
+        if k == 0:  # the back of the pool, as the fixed split's calibration
+            assert fold.skip == set(range(len(pool) - fold.size, len(pool)))
     assert len(set.union(*blocks)) == 4 * fold.size  # the blocks do not overlap
+    assert sum(1 for _ in fold.labelled()) == fold.eval_samples
 
 
 def test_fold_of_a_model_without_its_own_labelled_pool_exits_2(bench_sparsify, capsys):
