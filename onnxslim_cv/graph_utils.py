@@ -125,3 +125,33 @@ def name_nodes(graph: gs.Graph) -> int:
         taken.add(name)
         count += 1
     return count
+
+
+def strip_output_softmax(model) -> int:
+    """Make classifier outputs ``[N, K]`` / ``[N, K, 1, 1]`` computed by a Softmax return its input.
+
+    Losses on probabilities weigh the confidently classified samples (a peaked vector barely
+    moves) over the close calls where top-1 changes; the logits keep those differences. For
+    measuring, not emitting: the caller works on a copy. Returns how many outputs changed.
+    """
+    graph = model.graph
+    changed = 0
+    for index, tensor in enumerate(list(graph.outputs)):
+        node = producer(tensor)
+        if node is None or node.op != "Softmax" or len(tensor.outputs) or not node.inputs:
+            continue
+        dims = list(tensor.shape or [])
+        while len(dims) > 2 and dims[-1] == 1:
+            dims.pop()
+        if len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 2:
+            continue
+        logits = node.inputs[0]
+        if any(t is logits for t in graph.outputs):
+            continue
+        logits.dtype = logits.dtype or tensor.dtype
+        logits.shape = logits.shape or tensor.shape
+        graph.outputs[index] = logits
+        changed += 1
+    if changed:
+        graph.cleanup()
+    return changed

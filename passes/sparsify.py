@@ -33,7 +33,7 @@ import numpy as np
 
 from onnxslim_cv import obs
 from onnxslim_cv.errors import UserError
-from onnxslim_cv.graph_utils import name_nodes, replace_constant_values
+from onnxslim_cv.graph_utils import name_nodes, replace_constant_values, strip_output_softmax
 from onnxslim_cv.ir import Model
 from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
@@ -280,15 +280,18 @@ class SparsifyPass(Pass):
                 return obs.refit_weights(fits[layer.weight], weight, levels)
 
         data = context.calibration.limited(SENSITIVITY_SAMPLES)
+        measured = model.copy()  # a classifier's curves on its logits (see strip_output_softmax)
+        on_logits = strip_output_softmax(measured)
         with _bar(context, len(layers), "sparsify: sensitivity", "layer") as bar:
-            curves = sensitivity.analyze_layers(model, data, sparsities=levels, layers=layers, progress=bar,
+            curves = sensitivity.analyze_layers(measured, data, sparsities=levels, layers=layers, progress=bar,
                                                 weights_at=weights_at)
         allocation = sensitivity.allocate(curves, target=sparsity, metric="cosine", cost="params", max_level=cap)
         report.details["sensitivity"] = [curve.to_dict() for curve in curves]
         result = {layer.node: float(allocation.get(layer.node, 0.0)) for layer in layers}
         report.notes.append(
             f"--sparsity-mode {mode}: per-layer sparsity {min(result.values()):.0%}..{max(result.values()):.0%} "
-            f"for {sparsity:.0%} overall, equal output loss per layer (cosine, {SENSITIVITY_SAMPLES} samples)"
+            f"for {sparsity:.0%} overall, equal output loss per layer (cosine{' of the logits' if on_logits else ''}, "
+            f"{SENSITIVITY_SAMPLES} samples)"
         )
         return result
 

@@ -82,6 +82,14 @@ def test_default_with_data_allocates_per_layer_and_reaches_the_overall_target():
     assert len(curves) == len(per_layer) and all(curve["loss"]["cosine"][0] == 0 for curve in curves)
 
 
+def test_classifier_curves_are_measured_on_the_logits():
+    proto = test_models.build("squeezenet_fire")
+    out, report = _sparsify(proto, sample_data(proto, 24, seed=2), sparsity=0.5)
+    assert any("cosine of the logits" in note for note in report.notes)
+    assert [t.name for t in out.graph.outputs] == ["probs"]  # the emitted model keeps its Softmax
+    assert any(node.op == "Softmax" for node in out.graph.nodes)
+
+
 def test_global_mode_reaches_the_overall_target():
     proto = test_models.build("mobilenetv2_block")
     for normalize in (False, True):
