@@ -134,16 +134,16 @@ def strip_output_softmax(model) -> int:
     moves) over the close calls where top-1 changes; the logits keep those differences. For
     measuring, not emitting: the caller works on a copy. Returns how many outputs changed.
     """
+    from .verify import _classifier_classes  # the class-vector shapes verify scores top-1 on
+
     graph = model.graph
     changed = 0
     for index, tensor in enumerate(list(graph.outputs)):
         node = producer(tensor)
         if node is None or node.op != "Softmax" or len(tensor.outputs) or not node.inputs:
             continue
-        dims = list(tensor.shape or [])
-        while len(dims) > 2 and dims[-1] == 1:
-            dims.pop()
-        if len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 2:
+        shape = list(tensor.shape or [])
+        if not shape or not all(isinstance(d, int) for d in shape[1:]) or _classifier_classes(shape) is None:
             continue
         logits = node.inputs[0]
         if any(t is logits for t in graph.outputs):
