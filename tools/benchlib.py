@@ -208,14 +208,15 @@ class FoldedEntry:
             raise ValueError(f"{entry.key}: folds need a labelled model calibrated from its evaluation pool")
         if not 0 <= fold < folds:
             raise ValueError(f"fold {fold} of {folds}: need 0 <= fold < folds")
-        pool = len(entry.sample_names())
+        names = entry.sample_names()
+        pool = len(names)
         self.size = min(calib, pool // folds)
         if self.size < 1:
             raise ValueError(f"{entry.key}: {pool} samples cannot make {folds} folds")
         self._entry = entry
         self.fold, self.folds = fold, folds
         calibration = set(entry.calibration_sample_names(self.size, offset=fold * self.size))
-        self.skip = {i for i, name in enumerate(entry.sample_names()) if name in calibration}
+        self.skip = {i for i, name in enumerate(names) if name in calibration}
         self.eval_samples = pool - len(self.skip)
         self._labelled: Optional[list] = None
         self._inputs: Optional[list] = None
