@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import activations, runtime
+from . import activations, channel_obs, runtime
 from .errors import UserError
 from .ir import Model
 from .sparsity import SparseLayer, find_layer, sparsifiable_layers
@@ -792,11 +792,12 @@ def _group_params(dg, group) -> int:
 
 
 def group_setup(model: Model, data=None, *, criterion: str = "l2", round_to: int = 1, min_channels: int = 1,
-                exclude: Optional[str] = None, moments: bool = True):
+                exclude: Optional[str] = None, moments: bool = True, scores: Optional[np.ndarray] = None):
     """``(working copy, dependency graph, unit scores, limits, channel moments)`` as prune sees them.
 
     ``data`` also gives dynamic models the shapes MACs need; ``moments=False`` skips the
-    channel statistics (only the bias compensation and the data criteria use them).
+    channel statistics (only the bias compensation and the data criteria use them). ``scores``:
+    the unit scores prune already computed on ``model`` (the copy's graph has the same unit ids).
     """
     from .depgraph import build_dependency_graph
     from .passes import prune as P
@@ -811,7 +812,11 @@ def group_setup(model: Model, data=None, *, criterion: str = "l2", round_to: int
         stats = activations.channel_moments(work, P.consumer_axes(dg), data)
     if criterion in P.DATA_CRITERIA and stats is None:
         raise UserError(f"criterion {criterion} needs calibration data")
-    scores = P.unit_scores(work, dg, criterion, stats)
+    if scores is None:
+        covariances = channel_obs.consumer_covariances(work, dg, data) if criterion == "obs" else None
+        scores = P.unit_scores(work, dg, criterion, stats, covariances)
+    elif len(scores) != dg.num_ids:
+        raise RuntimeError("unit scores do not match the model's dependency graph")
     limits = P._group_limits(dg, round_to, min_channels)
     return work, dg, scores, limits, stats
 
@@ -829,6 +834,7 @@ def analyze_groups(
     exclude: Optional[str] = None,
     groups: Optional[Sequence[int]] = None,
     recovery: str = "bias",
+    scores: Optional[np.ndarray] = None,
 ) -> List[SensitivityCurve]:
     """Loss at the outputs when only one channel group loses ``ratio`` of its channels.
 
@@ -837,14 +843,15 @@ def analyze_groups(
     then recovered as ``--prune-recovery`` would (``recovery``: none, bias = mean bias
     compensation, lsq = least-squares refit of the group's consumers), and the whole model is run
     (removal changes shapes, so no suffix trick). ``macs_at`` records the model's MACs per
-    level for :func:`allocate`. ``groups`` limits the analysis to these group ids.
+    level for :func:`allocate`. ``groups`` limits the analysis to these group ids; ``scores``:
+    prune's unit scores for ``model``, when it has them (else computed by ``criterion``).
     """
     from .passes import prune as P
 
     levels = check_levels(ratios, "ratio", allow_zero=False)
     data = _limit(data, samples)
     work, dg, scores, limits, moments = group_setup(
-        model, data, criterion=criterion, round_to=round_to, min_channels=min_channels, exclude=exclude
+        model, data, criterion=criterion, round_to=round_to, min_channels=min_channels, exclude=exclude, scores=scores
     )
     prunable = {g.id: g for g in dg.prunable_groups}
     if groups is not None:

@@ -26,7 +26,11 @@ Criteria:
 - ``reconstruction``: the output error removing the unit causes in each consumer after bias
   compensation, ``||W[:, c]||^2 Var(x_c)``, relative to the consumer's output energy. Being
   relative, it compares units across layers, so it also drives ``--prune-target-macs``
-  allocation whenever calibration data are given.
+  allocation whenever calibration data are given;
+- ``obs`` (the default with calibration data): the same scores, handed out within each group in
+  the order a greedy Optimal Brain Surgeon removal gives, which counts what the least-squares
+  refit will move onto correlated kept channels (:mod:`onnxslim_cv.channel_obs`). Groups lose
+  as many units as under ``reconstruction``; which ones changes.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_cv import activations
+from onnxslim_cv import activations, channel_obs
 from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency_graph, prune_channels
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
@@ -48,11 +52,11 @@ from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, posi
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstructable, refit_or_compensate
 
-CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction")
+CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction", "obs")
 RECOVERY = ("auto", "none", "bias", "lsq")
 ALLOCATIONS = ("auto", "ranking", "sensitivity", "marginal")
 MEASURED_ALLOCATIONS = {"sensitivity": "equal", "marginal": "marginal"}  # allocation -> sensitivity.allocate rule
-DATA_CRITERIA = ("activation", "reconstruction")
+DATA_CRITERIA = ("activation", "reconstruction", "obs")
 MACS_EXPONENT = 0.0
 
 
@@ -106,7 +110,7 @@ class PrunePass(Pass):
             metavar="F",
             aliases=("--target-macs",),
         ),
-        PassOption("criterion", "auto", "channel importance; auto = reconstruction with calibration data, else l2", str, choices=CRITERIA),
+        PassOption("criterion", "auto", "channel importance; obs = reconstruction's per-channel error, channels chosen in greedy OBS order (correlation-aware); auto = obs with calibration data, else l2", str, choices=CRITERIA),
         PassOption(
             "round_to",
             "auto",
@@ -193,7 +197,7 @@ class PrunePass(Pass):
             raise UserError(f"prune: --prune-recovery {recovery} needs calibration data (--calib)")
         criterion = config["criterion"]
         if criterion == "auto":
-            criterion = "reconstruction" if data is not None else "l2"
+            criterion = "obs" if data is not None else "l2"
         if criterion in DATA_CRITERIA and data is None:
             raise UserError(f"prune: --prune-criterion {criterion} needs calibration data (--calib)")
         allocation = config["allocation"]
@@ -229,7 +233,11 @@ class PrunePass(Pass):
             return report
 
         moments = _consumer_moments(model, dg, data, context) if data is not None else None
-        scores = unit_scores(model, dg, criterion, moments)
+        covariances = None
+        if criterion == "obs":
+            with _bar(context, None, "prune: consumer covariances", "stage") as bar:
+                covariances = channel_obs.consumer_covariances(model, dg, data, seed=context.seed, progress=bar)
+        scores = unit_scores(model, dg, criterion, moments, covariances)
 
         limits = _group_limits(dg, round_to, config["min_channels"])
         means = {k: v.mean for k, v in moments.items()} if moments is not None else None
@@ -308,8 +316,10 @@ def _is_weight(member) -> bool:
     return member.node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and member.index == 1
 
 
-def unit_scores(model: Model, dg: DependencyGraph, criterion: str, moments=None) -> np.ndarray:
-    """Importance per raw unit id (only roots are meaningful); higher = keep."""
+def unit_scores(model: Model, dg: DependencyGraph, criterion: str, moments=None, covariances=None) -> np.ndarray:
+    """Importance per raw unit id (only roots are meaningful); higher = keep.
+
+    ``covariances``: :func:`onnxslim_cv.channel_obs.consumer_covariances`, for ``obs``."""
     score = np.zeros(dg.num_ids)
 
     def add(ids, values):
@@ -342,19 +352,42 @@ def unit_scores(model: Model, dg: DependencyGraph, criterion: str, moments=None)
         return score
     if moments is None:
         raise UserError(f"prune: --prune-criterion {criterion} needs calibration data (--calib)")
+    if criterion == "activation":
+        for member in dg.members:
+            stats = _consumer_stats(member, moments)
+            if stats is not None:
+                add(member.ids, stats[0].mean_abs * np.sqrt(stats[1]))
+        return score
     for member in dg.members:
-        if member.role != "in" or not _is_weight(member) or member.input_tensor not in moments:
-            continue
-        stats = moments[member.input_tensor]
-        weight_sq = _per_position(member.node.inputs[1].values, member.axis, "l2")
-        if len(stats.mean) != len(weight_sq):
-            continue
-        if criterion == "activation":
-            add(member.ids, stats.mean_abs * np.sqrt(weight_sq))
-        else:
-            energy = float((weight_sq * stats.mean_square).sum()) or 1.0
-            add(member.ids, weight_sq * stats.variance / energy)
+        cost = reconstruction_cost(member, moments)
+        if cost is not None:
+            add(member.ids, cost)
+    if criterion == "obs":
+        if covariances is None:
+            raise UserError("prune: --prune-criterion obs needs calibration data (--calib)")
+        score = channel_obs.reorder_scores(dg, score, covariances, lambda member: reconstruction_cost(member, moments))
     return score
+
+
+def _consumer_stats(member, moments):
+    """(input channel moments, per-position squared weight norm) of a consumer's ``in`` member, or None."""
+    if member.role != "in" or not _is_weight(member) or member.input_tensor not in moments:
+        return None
+    stats = moments[member.input_tensor]
+    weight_sq = _per_position(member.node.inputs[1].values, member.axis, "l2")
+    if len(stats.mean) != len(weight_sq):
+        return None
+    return stats, weight_sq
+
+
+def reconstruction_cost(member, moments) -> Optional[np.ndarray]:
+    """Per input position of a consumer: ``||W[:, c]||^2 Var(x_c)`` relative to its output energy."""
+    found = _consumer_stats(member, moments)
+    if found is None:
+        return None
+    stats, weight_sq = found
+    energy = float((weight_sq * stats.mean_square).sum()) or 1.0
+    return weight_sq * stats.variance / energy
 
 
 def consumer_axes(dg: DependencyGraph) -> Dict[str, int]:
@@ -541,7 +574,7 @@ def _measured_allocations(model, dg, scores, limits, fixed_ratio, data, criterio
     with _bar(context, len(ids) * len(levels), "prune: sensitivity", "eval") as bar:
         curves = sensitivity.analyze_groups(
             model, data, ratios=levels, samples=SENSITIVITY_SAMPLES, criterion=criterion, round_to=round_to,
-            min_channels=config["min_channels"], groups=ids, progress=bar, recovery=recovery,
+            min_channels=config["min_channels"], groups=ids, progress=bar, recovery=recovery, scores=scores,
         )
     for curve in curves:
         group = dg.groups[curve.group]

@@ -107,10 +107,10 @@ def test_recipe_sets_options_and_per_group_ratios(tmp_path):
     assert conv2["units"] - conv2["kept_units"] == int(conv2["units"] * 0.25)
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "activation", "reconstruction"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "activation", "reconstruction", "obs"])
 def test_every_criterion_runs(criterion):
     proto = test_models.build("resnet_basic_block")
-    calib = _calibration(proto, 8) if criterion in ("activation", "reconstruction") else None
+    calib = _calibration(proto, 8) if criterion in ("activation", "reconstruction", "obs") else None
     out, report = _prune(proto, calib, ratio=0.5, round_to=1, criterion=criterion, recovery="none")
     assert report.changes["channels removed"] > 0
 
