@@ -168,13 +168,15 @@ def test_prune_obs_removes_the_duplicate_and_the_refit_restores_the_outputs():
     assert errors["reconstruction"] > 10 * errors["obs"], errors
 
 
-def test_obs_is_the_default_criterion_with_calibration_data():
+def test_obs_is_the_default_criterion_with_enough_calibration_data():
     proto = test_models.build("squeezenet_fire")
-    out, report = _prune(proto, _calibration(proto, 16), ratio=0.25, round_to=1)
+    out, report = _prune(proto, _calibration(proto, P.OBS_MIN_SAMPLES), ratio=0.25, round_to=1)
     assert "criterion obs" in " ".join(report.notes)
-    out_plain, report_plain = _prune(proto, None, ratio=0.25, round_to=1)
-    assert "criterion l2" in " ".join(report_plain.notes)
     onnx.checker.check_model(out.to_proto())
+    _, report_few = _prune(proto, _calibration(proto, 8), ratio=0.25, round_to=1)
+    assert "criterion reconstruction" in " ".join(report_few.notes)
+    _, report_plain = _prune(proto, None, ratio=0.25, round_to=1)
+    assert "criterion l2" in " ".join(report_plain.notes)
 
 
 def test_groups_read_only_by_depthwise_convs_keep_the_diagonal_scores():
