@@ -112,7 +112,8 @@ def consumer_covariances(model: Model, dg: DependencyGraph, data, *, seed: int =
             continue
         if not prunable.intersection(dg.find(member.ids).tolist()):
             continue
-        layer = by_name.get(named.graph.nodes[position[id(member.node)]].name)
+        twin = named.graph.nodes[position[id(member.node)]]  # the copy keeps the node order
+        layer = by_name.get(twin.name) if twin.op == member.node.op else None
         if _solvable(layer) and member.axis == _input_axis(layer):
             wanted.append((index, member, layer))
     wanted.sort(key=lambda item: item[2].reduction)
