@@ -114,7 +114,7 @@ def consumer_covariances(model: Model, dg: DependencyGraph, data, *, seed: int =
             continue
         twin = named.graph.nodes[position[id(member.node)]]  # the copy keeps the node order
         layer = by_name.get(twin.name) if twin.op == member.node.op else None
-        if _solvable(layer) and member.axis == _input_axis(layer):
+        if _solvable(layer):  # depgraph's ``in`` member runs along the weight's input axis
             wanted.append((index, member, layer))
     wanted.sort(key=lambda item: item[2].reduction)
     kept, used = [], 0
@@ -144,15 +144,6 @@ def consumer_covariances(model: Model, dg: DependencyGraph, data, *, seed: int =
         energy = float(np.einsum("rd,de,re->", weight, second, weight))
         result[index] = ConsumerCovariance(member, layer, weight, second - np.outer(mean, mean), energy or 1.0)
     return result
-
-
-def _input_axis(layer: SparseLayer) -> int:
-    """The weight axis a consumer's input channels run along (where dg puts its ``in`` member)."""
-    if layer.op == "Conv":
-        return 1
-    if layer.op == "Gemm":
-        return 1 if layer.trans_b else 0
-    return 0
 
 
 class _GreedyState:
