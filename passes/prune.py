@@ -364,14 +364,14 @@ def unit_scores(model: Model, dg: DependencyGraph, criterion: str, moments=None,
             if stats is not None:
                 add(member.ids, stats[0].mean_abs * np.sqrt(stats[1]))
         return score
+    costs = {id(member): reconstruction_cost(member, moments) for member in dg.members}
     for member in dg.members:
-        cost = reconstruction_cost(member, moments)
-        if cost is not None:
-            add(member.ids, cost)
+        if costs[id(member)] is not None:
+            add(member.ids, costs[id(member)])
     if criterion == "obs":
         if covariances is None:
             raise UserError("prune: --prune-criterion obs needs calibration data (--calib)")
-        score = channel_obs.reorder_scores(dg, score, covariances, lambda member: reconstruction_cost(member, moments))
+        score = channel_obs.reorder_scores(dg, score, covariances, lambda member: costs[id(member)])
     return score
 
 
