@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxslim_cv.obs import LayerFit, exact_refit, solve, sparsegpt_sweep
+from onnxslim_cv import obs
+from onnxslim_cv.obs import LayerFit, exact_obs_traces, exact_refit, keep_from_traces, refit_weights, solve, sparsegpt_sweep
 from onnxslim_cv.sparsity import SparseLayer, as_matrix, holds_nm
 
 
@@ -57,6 +58,62 @@ def test_exact_refit_is_the_row_wise_least_squares_optimum():
         expected = np.linalg.lstsq(x[:, columns], x @ w_star[row], rcond=None)[0]
         np.testing.assert_allclose(result[row, columns], expected, rtol=1e-6, atol=1e-8)
         assert (result[row, ~keep[row]] == 0).all()
+
+
+def test_exact_obs_costs_are_the_error_of_the_optimal_refit_without_the_removed_weights():
+    rng = np.random.default_rng(7)
+    x = _correlated_inputs(rows=800, dim=12)
+    h = x.T @ x
+    w_star = rng.standard_normal((4, 12))
+    orders, costs = exact_obs_traces(w_star, h, np.ones(12, dtype=bool), steps=8)
+    inverse = np.linalg.inv(h)
+    for row in range(4):
+        single = np.square(w_star[row]) / np.diag(inverse)
+        assert orders[row, 0] == single.argmin()  # the cheapest single removal goes first
+        assert len(set(orders[row])) == 8
+        for count in (1, 4, 8):
+            keep = np.ones((1, 12), dtype=bool)
+            keep[0, orders[row, :count]] = False
+            delta = exact_refit(w_star[row:row + 1], h, keep)[0] - w_star[row]
+            assert float(delta @ h @ delta) == pytest.approx(costs[row, :count].sum(), rel=1e-3)
+
+
+def test_rows_take_more_zeros_where_removals_are_cheaper():
+    orders = np.tile(np.arange(6), (3, 1))
+    costs = np.array([[1, 2, 3, 4, 5, 6], [3.5, 7, 8, 9, 10, 11], [0.5, 0.1, 20, 30, 40, 50]], dtype=float)
+    keep = keep_from_traces(orders, costs, (3, 6), 7)
+    assert (~keep).sum() == 7
+    np.testing.assert_array_equal((~keep).sum(axis=1), [4, 1, 2])  # 0.1 comes after 0.5 in its row's order
+    for row in range(3):  # each row loses a prefix of its order
+        assert (~keep[row, :(~keep[row]).sum()]).all()
+    forced = costs.copy()
+    forced[1, :3] = -np.inf  # entries that must go count first, whatever the budget
+    assert (~keep_from_traces(orders, forced, (3, 6), 2)[1, :3]).all()
+
+
+def test_exact_obs_beats_the_sweep_and_larger_layers_fall_back_to_it(monkeypatch):
+    x = _correlated_inputs()
+    weight = np.random.default_rng(1).standard_normal((32, 16))
+    exact = _matmul_fit(x, weight, sparsity=0.5)
+    solve(exact, weight, None)
+    assert exact._traces  # the greedy ran
+    monkeypatch.setattr(obs, "EXACT_OBS_BUDGET", 0)
+    swept = _matmul_fit(x, weight, sparsity=0.5)
+    new_weight, _ = solve(swept, weight, None)
+    assert not swept._traces
+    assert (new_weight == 0).mean() == pytest.approx(0.5, abs=0.02)
+    assert exact.error < 0.9 * swept.error, (exact.error, swept.error)
+
+
+def test_curves_at_several_sparsities_share_one_greedy_run(monkeypatch):
+    x = _correlated_inputs()
+    weight = np.random.default_rng(8).standard_normal((32, 16))
+    calls = []
+    traces = obs.exact_obs_traces
+    monkeypatch.setattr(obs, "exact_obs_traces", lambda *a, **k: calls.append(a[3]) or traces(*a, **k))
+    weights = refit_weights(_matmul_fit(x, weight), weight, [0.25, 0.5, 0.9])
+    assert len(calls) == 1
+    assert [round(float((w == 0).mean()), 2) for w in weights] == [0.25, 0.5, 0.9]
 
 
 def test_sweep_honours_nm_fixed_and_forced_masks():
