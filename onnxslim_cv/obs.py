@@ -75,6 +75,7 @@ class LayerFit:
     nm: Optional[Tuple[int, int]] = None
     mask: Optional[np.ndarray] = None  # fixed keep-mask in the weight's shape
     keep_zeros: Optional[np.ndarray] = None  # keep-mask whose False entries must stay zero
+    exact_obs: bool = True  # a sparsity target's mask by ExactOBS where affordable (else the SparseGPT sweep)
     gram: Optional[np.ndarray] = None  # [G, D+b, D+b]
     cross: Optional[np.ndarray] = None  # [G, D+b, rows_per_group]
     energy: Optional[np.ndarray] = None  # [G] target energy
@@ -449,7 +450,7 @@ def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp
                 prunable[dim] = False
             forced = None if frozen is None else ~widen(frozen)
             keep = None
-            if fixed is None and fit.nm is None and fit.sparsity > 0:
+            if fit.exact_obs and fixed is None and fit.nm is None and fit.sparsity > 0:
                 key = (g, float(damp), hash(prior.tobytes()))
                 keep = _exact_obs_keep(fit, key, w_star, h, prunable, forced)
             if keep is None:

@@ -94,6 +94,13 @@ class SparsifyPass(Pass):
             str,
             choices=RECOVERY,
         ),
+        PassOption(
+            "mask_search",
+            "exactobs",
+            "with obs recovery, how a sparsity target's mask is chosen: exactobs (one weight at a time per row with the inverse Hessian updated, rows sharing the zeros by cost; layers beyond a compute budget fall back to sparsegpt), sparsegpt (column blocks, faster); N:M always uses sparsegpt",
+            str,
+            choices=("exactobs", "sparsegpt"),
+        ),
         PassOption("samples", 128, "calibration samples for reconstruction (and 64 of them for sensitivity)", positive_int, metavar="N"),
         PassOption("max_layer_sparsity", MAX_LAYER_SPARSITY, "global / sensitivity modes: most any one layer may lose", check_sparsity, metavar="S"),
         PassOption("masks", None, "start from these masks (.npz from --export-masks): their zeros stay zero (iterative pruning)", _masks_option, metavar="FILE"),
@@ -201,6 +208,7 @@ class SparsifyPass(Pass):
                 sparsity=targets.get(layer.node, 0.0),
                 nm=nm,
                 keep_zeros=start_masks.get(layer.weight),
+                exact_obs=config["mask_search"] == "exactobs",
             )
             for layer in layers
         ]
@@ -269,7 +277,8 @@ class SparsifyPass(Pass):
         levels = [level for level in levels if 0 < level <= cap]
         weights_at = None
         if mode == "hessian":
-            fits = {layer.weight: obs.LayerFit(layer) for layer in layers if not obs.refittable(layer)}
+            fits = {layer.weight: obs.LayerFit(layer, exact_obs=config["mask_search"] == "exactobs")
+                    for layer in layers if not obs.refittable(layer)}
             with _bar(context, len(layers), "sparsify: layer statistics", "layer") as bar:
                 obs.collect_statistics(model, list(fits.values()), context.calibration.limited(config["samples"]),
                                        seed=context.seed, progress=bar)

@@ -48,6 +48,20 @@ def test_reconstruction_beats_magnitude_on_held_out_inputs(name):
     assert error_refit < 0.8 * error_magnitude, (error_refit, error_magnitude)
 
 
+@pytest.mark.parametrize("name", ["squeezenet_fire", "resnet_basic_block"])
+def test_exactobs_masks_fit_a_layer_better_than_the_sparsegpt_sweep(name):
+    proto = test_models.build(name)
+    calib = sample_data(proto, 48, seed=10)
+    errors = {}
+    for search in ("exactobs", "sparsegpt"):
+        out, report = _sparsify(proto, calib, sparsity=0.5, mode="uniform", mask_search=search)
+        onnx.checker.check_model(out.to_proto())
+        for weight in _weights(out, report).values():
+            assert (weight == 0).mean() == pytest.approx(0.5, abs=0.02)
+        errors[search] = report.details["layers"][0]["error"]  # the first layer sees the same inputs in both runs
+    assert errors["exactobs"] < 0.97 * errors["sparsegpt"], errors
+
+
 def test_sparsity_zero_without_data_keeps_outputs():
     proto = test_models.build("resnet_basic_block")
     out, report = _sparsify(proto, None, sparsity=0.0)
