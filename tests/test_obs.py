@@ -103,6 +103,14 @@ def test_exact_obs_beats_the_sweep_and_larger_layers_fall_back_to_it(monkeypatch
     assert not swept._traces
     assert (new_weight == 0).mean() == pytest.approx(0.5, abs=0.02)
     assert exact.error < 0.9 * swept.error, (exact.error, swept.error)
+    monkeypatch.undo()
+    monkeypatch.setattr(obs, "EXACT_BUDGET", 0)  # too large for the batched exact solve: the sweep refits the greedy's mask
+    fallback = _matmul_fit(x, weight, sparsity=0.5)
+    fallback_weight, _ = solve(fallback, weight, None)
+    assert fallback._traces
+    np.testing.assert_array_equal(fallback_weight != 0, fallback.result_mask)
+    assert (fallback_weight == 0).mean() == pytest.approx(0.5, abs=0.02)
+    assert fallback.error < swept.error
 
 
 def test_curves_at_several_sparsities_share_one_greedy_run(monkeypatch):
