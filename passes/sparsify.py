@@ -69,7 +69,7 @@ def _masks_option(value):
 @register_pass
 class SparsifyPass(Pass):
     name = "sparsify"
-    summary = "zero individual weights (magnitude or N:M like 2:4), refit on calibration data (SparseGPT/OBS); smaller files, not faster dense kernels"
+    summary = "zero individual weights (magnitude or N:M like 2:4), refit on calibration data (ExactOBS / SparseGPT); smaller files, not faster dense kernels"
     uses_calibration = True
     options = (
         PassOption("sparsity", None, "fraction of weights zeroed, in [0, 1)", check_sparsity, metavar="S", aliases=("--sparsity",)),
@@ -345,7 +345,7 @@ class SparsifyPass(Pass):
         pattern = f"{nm[0]}:{nm[1]}" if nm else f"{zeros / max(1, total):.1%}"
         report.notes.append(
             f"{len(fits)} layers at {pattern} ({zeros:,} of {total:,} weights), {len(skipped)} left dense; "
-            f"recovery: {'SparseGPT/OBS refit on calibration data' if recovery == 'obs' else 'none (magnitude only)'}"
+            f"recovery: {'OBS refit on calibration data, masks by ' + ('sparsegpt' if nm else self.config['mask_search']) if recovery == 'obs' else 'none (magnitude only)'}"
         )
         refit = [f for f in fits if not np.isnan(f.error)]
         if refit:
