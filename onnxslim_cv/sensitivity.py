@@ -792,12 +792,14 @@ def _group_params(dg, group) -> int:
 
 
 def group_setup(model: Model, data=None, *, criterion: str = "l2", round_to: int = 1, min_channels: int = 1,
-                exclude: Optional[str] = None, moments: bool = True, scores: Optional[np.ndarray] = None):
+                exclude: Optional[str] = None, moments: bool = True, scores: Optional[np.ndarray] = None,
+                limits: Optional[Dict[int, Tuple[int, int, int]]] = None):
     """``(working copy, dependency graph, unit scores, limits, channel moments)`` as prune sees them.
 
     ``data`` also gives dynamic models the shapes MACs need; ``moments=False`` skips the
     channel statistics (only the bias compensation and the data criteria use them). ``scores``:
-    the unit scores prune already computed on ``model`` (the copy's graph has the same unit ids).
+    the unit scores prune already computed on ``model`` (the copy's graph has the same unit ids);
+    ``limits``: prune's per-group rounding, when it refined ``round_to`` in some groups.
     """
     from .depgraph import build_dependency_graph
     from .passes import prune as P
@@ -817,7 +819,8 @@ def group_setup(model: Model, data=None, *, criterion: str = "l2", round_to: int
         scores = P.unit_scores(work, dg, criterion, stats, covariances)
     elif len(scores) != dg.num_ids:
         raise RuntimeError("unit scores do not match the model's dependency graph")
-    limits = P._group_limits(dg, round_to, min_channels)
+    if limits is None:
+        limits = P._group_limits(dg, round_to, min_channels)
     return work, dg, scores, limits, stats
 
 
@@ -835,6 +838,7 @@ def analyze_groups(
     groups: Optional[Sequence[int]] = None,
     recovery: str = "bias",
     scores: Optional[np.ndarray] = None,
+    limits: Optional[Dict[int, Tuple[int, int, int]]] = None,
 ) -> List[SensitivityCurve]:
     """Loss at the outputs when only one channel group loses ``ratio`` of its channels.
 
@@ -844,14 +848,16 @@ def analyze_groups(
     compensation, lsq = least-squares refit of the group's consumers), and the whole model is run
     (removal changes shapes, so no suffix trick). ``macs_at`` records the model's MACs per
     level for :func:`allocate`. ``groups`` limits the analysis to these group ids; ``scores``:
-    prune's unit scores for ``model``, when it has them (else computed by ``criterion``).
+    prune's unit scores for ``model``, when it has them (else computed by ``criterion``);
+    ``limits``: prune's per-group rounding (else from ``round_to`` / ``min_channels``).
     """
     from .passes import prune as P
 
     levels = check_levels(ratios, "ratio", allow_zero=False)
     data = _limit(data, samples)
     work, dg, scores, limits, moments = group_setup(
-        model, data, criterion=criterion, round_to=round_to, min_channels=min_channels, exclude=exclude, scores=scores
+        model, data, criterion=criterion, round_to=round_to, min_channels=min_channels, exclude=exclude, scores=scores,
+        limits=limits,
     )
     prunable = {g.id: g for g in dg.prunable_groups}
     if groups is not None:

@@ -83,6 +83,30 @@ def test_round_to_keeps_channel_counts_aligned_and_never_over_prunes():
             assert kept >= row["channels"] * (1 - 0.3)  # rounded up, not down
 
 
+def test_auto_rounding_refines_only_the_groups_a_deep_target_needs(monkeypatch):
+    from onnxslim_cv.passes import prune as prune_module
+
+    monkeypatch.setattr(prune_module, "native_block_size", lambda: 16)
+    proto = test_models.build("resnet_basic_block", width=16)  # groups of 16 and 32 channels
+    with pytest.raises(UserError, match="unreachable"):
+        _prune(proto, target_macs=0.5, round_to=16)
+    out, report = _prune(proto, target_macs=0.5)  # round_to auto: 16 on this (patched) CPU
+    assert report.after.macs / report.before.macs <= 0.5 + 1e-9
+    assert any("finer in 2 group(s)" in note for note in report.notes)
+    kept = {row["channels"]: row["channels"] * row["kept_units"] // row["units"]
+            for row in report.details["groups"] if row["kept_units"] != row["units"]}
+    assert kept[16] == 8  # refined: 16 could lose nothing at a step of 16
+    assert kept[32] == 16  # not refined: still a multiple of the block
+    pruned = out.to_proto()
+    onnx.checker.check_model(pruned)
+    assert np.all(np.isfinite(_outputs(pruned, test_models.sample_inputs(proto))[0]))
+
+    _, report = _prune(proto, target_macs=0.8)  # reachable at the block: nothing refined
+    assert not any("finer" in note for note in report.notes)
+    for row in report.details["groups"]:
+        assert (row["channels"] * row["kept_units"] // row["units"]) % 16 in (0, row["channels"] % 16)
+
+
 def test_min_channels_and_exclude():
     proto = test_models.build("conv_chain")
     out, report = _prune(proto, ratio=0.9, round_to=1, min_channels=6)
