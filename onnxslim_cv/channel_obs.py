@@ -126,7 +126,7 @@ def consumer_covariances(model: Model, dg: DependencyGraph, data, *, seed: int =
         used += cost
     fits = {}
     for _, _, layer in kept:
-        fits.setdefault(layer.weight, obs.LayerFit(layer))
+        fits.setdefault(layer.weight, obs.LayerFit(layer, gram_only=True))
     if not fits:
         return {}
     obs.collect_statistics(named, list(fits.values()), data, seed=seed, progress=progress)

@@ -76,6 +76,7 @@ class LayerFit:
     mask: Optional[np.ndarray] = None  # fixed keep-mask in the weight's shape
     keep_zeros: Optional[np.ndarray] = None  # keep-mask whose False entries must stay zero
     exact_obs: bool = True  # a sparsity target's mask by ExactOBS where affordable (else the SparseGPT sweep)
+    gram_only: bool = False  # statistics of the original inputs alone: no target, cross term or energy
     gram: Optional[np.ndarray] = None  # [G, D+b, D+b]
     cross: Optional[np.ndarray] = None  # [G, D+b, rows_per_group]
     energy: Optional[np.ndarray] = None  # [G] target energy
@@ -146,8 +147,8 @@ def accumulate(fit: LayerFit, node: gs.Node, x_orig: np.ndarray, x_new: np.ndarr
 
     ``drift``: the original minus the current value of the residual partner (``[N, Cout, H, W]``),
     added to the target so that the layer also absorbs the shortcut's error."""
-    rows_orig = layer_rows(fit.layer, node, x_orig, np.random.default_rng(seed), positions_per_sample)
     rows_new = layer_rows(fit.layer, node, x_new, np.random.default_rng(seed), positions_per_sample)
+    rows_orig = rows_new if fit.gram_only else layer_rows(fit.layer, node, x_orig, np.random.default_rng(seed), positions_per_sample)
     if drift is not None:  # a 2-D conv's output positions, sampled as its rows were
         total = output_positions(node, np.asarray(x_new).shape, tuple(fit.layer.shape[2:]))
         positions = _conv_positions(fit.layer, total, x_new.shape[0], np.random.default_rng(seed), positions_per_sample)
@@ -169,9 +170,14 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
     groups = group_rows(fit.layer)
     for g, row_index in enumerate(groups):
         design = np.concatenate([pair[1][g] for pair in fit._pending])
-        original = np.concatenate([pair[0][g] for pair in fit._pending])
         if bias:
             design = np.concatenate([design, np.ones((design.shape[0], 1), design.dtype)], axis=1)
+        if fit.gram_only:  # channel_obs reads the covariance only
+            if fit.gram is None:
+                fit.gram = np.zeros((len(groups), design.shape[1], design.shape[1]))
+            fit.gram[g] += design.T @ design
+            continue
+        original = np.concatenate([pair[0][g] for pair in fit._pending])
         target = original @ matrix[row_index].T
         if fit._pending_drift:
             target = target + np.concatenate(fit._pending_drift)[:, row_index]
