@@ -109,6 +109,84 @@ class Consumer:
     skipped: Optional[str] = None
 
 
+@dataclass
+class _FullEquations:
+    gram: np.ndarray  # [D+1, D+1] over every input column, plus the ones column
+    cross: np.ndarray  # [D+1, R] against every output row of the original layer
+    energy: np.ndarray  # [R] squared target per output row
+    rows: int = 0
+
+
+class SliceCache:
+    """Each consumer's normal equations on its *unpruned* inputs, for refits that only drop columns.
+
+    While one channel group is measured at several ratios (prune's sensitivity curves), the
+    first stage's consumers read the original inputs minus the removed channels
+    (:func:`reconstruct` checks that on the first batch of every call), and their rows are
+    sampled at the same positions each time, so every ratio's ``X'^T X'`` and ``X'^T Y`` are
+    sub-blocks of the full ones. Accumulated once, they spare the later ratios the original
+    model's runs and the patch products. An entry depends only on the original model, the data
+    and the layer, so it serves every group the layer consumes; the oldest are dropped past
+    ``max_bytes``. Use one cache per (model, data) pair.
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes = max_bytes
+        self._entries: Dict[str, _FullEquations] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def _bytes(self) -> int:
+        return sum(e.gram.nbytes + e.cross.nbytes for e in self._entries.values())
+
+    def make_room(self, nodes: Sequence[gs.Node], keep: Sequence[str] = ()) -> bool:
+        """Whether the full equations of ``nodes`` fit, after dropping the oldest entries not in ``keep``."""
+        extra = 0
+        for node in nodes:
+            matrix, _ = _as_matrix(node)
+            extra += 8 * (matrix.shape[1] + 1) * (matrix.shape[1] + 1 + matrix.shape[0])
+        held = self._bytes()
+        for name in [n for n in self._entries if n not in set(keep)]:
+            if held + extra <= self.max_bytes:
+                break
+            entry = self._entries.pop(name)
+            held -= entry.gram.nbytes + entry.cross.nbytes
+        return held + extra <= self.max_bytes
+
+    def accumulate(self, node: gs.Node, x: np.ndarray, rng, positions_per_sample: int) -> None:
+        matrix, _ = _as_matrix(node)
+        kernel, positions = _sample(node, x.shape, rng, positions_per_sample)
+        rows = _rows(node, x.astype(np.float64), kernel, positions)
+        target = rows @ matrix.T.astype(np.float64)
+        design32 = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1).astype(np.float32)
+        entry = self._entries.get(node.name)
+        if entry is None:
+            dim = design32.shape[1]
+            entry = self._entries[node.name] = _FullEquations(np.zeros((dim, dim)), np.zeros((dim, target.shape[1])),
+                                                              np.zeros(target.shape[1]))
+        entry.gram += (design32.T @ design32).astype(np.float64)
+        entry.cross += (design32.T @ target.astype(np.float32)).astype(np.float64)
+        entry.energy += np.square(target).sum(axis=0)
+        entry.rows += rows.shape[0]
+
+    def fill(self, consumer: "Consumer", node: gs.Node) -> None:
+        """Set ``consumer``'s equations to the sub-blocks of its kept input columns and output rows."""
+        entry = self._entries[node.name]
+        keep = consumer.in_keep
+        if node.op == "Conv":
+            keep = np.repeat(keep, int(np.prod(node.inputs[1].values.shape[2:])))
+        columns = np.append(keep, True)
+        outputs = np.repeat(consumer.out_keep, _taps(node))
+        consumer.gram = entry.gram[np.ix_(columns, columns)]
+        consumer.cross = entry.cross[np.ix_(columns, outputs)]
+        consumer.rows = entry.rows
+        consumer.target_energy = float(entry.energy[outputs].sum())
+
+
 def _taps(node: gs.Node) -> int:
     """Rows of :func:`_as_matrix` per output channel (kh * kw for a ConvTranspose, else 1)."""
     return int(np.prod(node.inputs[1].values.shape[2:])) if node.op == "ConvTranspose" else 1
@@ -214,8 +292,12 @@ def reconstruct(
     batch_size: int = 16,
     seed: int = 0,
     progress=None,
+    cache: Optional[SliceCache] = None,
 ) -> List[Consumer]:
-    """Refit every consumer of ``pruned`` in place (see the module docstring)."""
+    """Refit every consumer of ``pruned`` in place (see the module docstring).
+
+    ``cache``: the first stage's equations are sliced from (or first added to) it whenever that
+    stage's inputs are the original ones minus channels."""
     orig_nodes = {n.name: n for n in original.graph.nodes}
     new_nodes = {n.name: n for n in pruned.graph.nodes}
     by_name = {c.name: c for c in consumers}
@@ -230,25 +312,39 @@ def reconstruct(
     input_names = sorted({orig_nodes[n].inputs[0].name for n in todo})
     dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), input_names)) if todo else False
     original_session = activations.tap_session(original, input_names, dynamic_batch=dynamic_batch) if todo else None
-    rng = np.random.default_rng(seed)
     for index, stage in enumerate(stages):
+        rng = np.random.default_rng([seed, index])  # per stage: the rows do not depend on what the cache skipped
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
         pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch)
         size = activations.session_batch_size(pruned_session, batch_size)
         batches = data.batches(size) if hasattr(data, "batches") else iter(data)
         kept = {orig_nodes[n].inputs[0].name: (by_name[n].in_keep, -1 if orig_nodes[n].op == "MatMul" else 1) for n in stage}
         sliced = None  # the first stage's pruned inputs are usually the original ones minus channels
+        missing: Optional[List[str]] = None  # with ``cache``: the stage's consumers it must still gather
         for feed in batches:
             reference = dict(zip(names, runtime.run(original_session, feed, names)))
-            if sliced:
-                current = {name: np.compress(keep, reference[name], axis) for name, (keep, axis) in kept.items()}
-            else:
-                current = dict(zip(names, runtime.run(pruned_session, feed, names)))
-                if sliced is None:
-                    sliced = index == 0 and all(_is_slice(reference[name], current[name], *kept[name]) for name in names)
+            if missing is None:
+                if sliced:
+                    current = {name: np.compress(keep, reference[name], axis) for name, (keep, axis) in kept.items()}
+                else:
+                    current = dict(zip(names, runtime.run(pruned_session, feed, names)))
+                    if sliced is None:
+                        sliced = index == 0 and all(_is_slice(reference[name], current[name], *kept[name]) for name in names)
+                        if sliced and cache is not None:
+                            absent = [n for n in stage if n not in cache]
+                            if cache.make_room([orig_nodes[n] for n in absent], keep=stage):
+                                missing = absent
+                                if not missing:
+                                    break  # the whole stage is already in the cache
+            if missing is not None:
+                for name in missing:
+                    cache.accumulate(orig_nodes[name], reference[orig_nodes[name].inputs[0].name], rng, positions_per_sample)
+                continue
             for name in stage:
                 _accumulate(by_name[name], orig_nodes[name], reference, current, rng, positions_per_sample)
         for name in stage:
+            if missing is not None:
+                cache.fill(by_name[name], orig_nodes[name])
             _solve(by_name[name], orig_nodes[name], new_nodes[name], pruned, ridge)
         if progress is not None:
             progress.update(1)
@@ -272,14 +368,31 @@ def _is_slice(full: np.ndarray, part: np.ndarray, keep: np.ndarray, axis: int) -
 
 
 def refit_or_compensate(
-    original: Model, pruned: Model, consumers: Sequence[Consumer], data, means: Dict[str, np.ndarray], *, seed: int = 0, progress=None
+    original: Model, pruned: Model, consumers: Sequence[Consumer], data, means: Dict[str, np.ndarray], *, seed: int = 0, progress=None,
+    cache: Optional[SliceCache] = None,
 ) -> Tuple[List[Consumer], int]:
     """``--prune-recovery lsq``: refit every consumer; those that could not be refit still get
     the mean of what they lost (:func:`bias_compensation`). Returns the consumers and how many
     biases were compensated."""
-    refit = reconstruct(original, pruned, consumers, data, seed=seed, progress=progress)
+    refit = reconstruct(original, pruned, consumers, data, seed=seed, progress=progress, cache=cache)
     skipped = [c for c in refit if c.skipped]
     return refit, bias_compensation(original, pruned, skipped, means) if skipped else 0
+
+
+def _sample(node: gs.Node, shape, rng, positions_per_sample: int):
+    """``(kernel, positions)``: where one batch of the original input ``shape`` gives its rows."""
+    if node.op == "ConvTranspose":
+        pixels = shape[0] * shape[2] * shape[3]
+        budget = positions_per_sample * shape[0]
+        return None, np.sort(rng.choice(pixels, size=min(pixels, budget), replace=False))
+    if node.op == "Conv":
+        kernel = tuple(node.inputs[1].values.shape[2:])
+        total = output_positions(node, shape, kernel)
+        columns = shape[1] * kernel[0] * kernel[1]
+        budget = max(1, min(positions_per_sample, MAX_ROWS_ELEMENTS // max(1, columns * shape[0])))
+        return kernel, np.sort(rng.choice(total, size=min(total, budget), replace=False))
+    rows = int(np.prod(shape[:-1]))
+    return None, None if rows <= 4096 else np.sort(rng.choice(rows, size=4096, replace=False))
 
 
 def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, positions_per_sample) -> None:
@@ -287,21 +400,7 @@ def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, posi
     x_new = current[node.inputs[0].name]
     matrix, _ = _as_matrix(node)
     matrix = matrix[np.repeat(consumer.out_keep, _taps(node))]
-    if node.op == "ConvTranspose":
-        kernel = None
-        pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        budget = positions_per_sample * x.shape[0]
-        positions = np.sort(rng.choice(pixels, size=min(pixels, budget), replace=False))
-    elif node.op == "Conv":
-        kernel = tuple(node.inputs[1].values.shape[2:])
-        total = output_positions(node, x.shape, kernel)
-        columns = x.shape[1] * kernel[0] * kernel[1]
-        budget = max(1, min(positions_per_sample, MAX_ROWS_ELEMENTS // max(1, columns * x.shape[0])))
-        positions = np.sort(rng.choice(total, size=min(total, budget), replace=False))
-    else:
-        kernel = None
-        rows = int(np.prod(x.shape[:-1]))
-        positions = None if rows <= 4096 else np.sort(rng.choice(rows, size=4096, replace=False))
+    kernel, positions = _sample(node, x.shape, rng, positions_per_sample)
     rows_orig = _rows(node, x.astype(np.float64), kernel, positions)
     rows_new = _rows(node, x_new.astype(np.float64), kernel, positions)
     target = rows_orig @ matrix.T.astype(np.float64)

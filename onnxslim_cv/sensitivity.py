@@ -41,6 +41,7 @@ import onnx_graphsurgeon as gs
 from . import activations, channel_obs, runtime
 from .errors import UserError
 from .ir import Model
+from .reconstruct import SliceCache
 from .sparsity import SparseLayer, find_layer, sparsifiable_layers
 
 METRICS = ("cosine", "snr", "top1")
@@ -874,6 +875,7 @@ def analyze_groups(
     unit_macs = dg.unit_macs()
     patterns = _group_patterns(dg, chosen)
     reference = ReferenceOutputs(work, data)
+    cache = SliceCache()  # the levels of a group (and groups sharing a consumer) refit from one pass
     names = [g.describe() for g in chosen]
     curves = []
     with _Bar(progress, len(chosen) * (len(levels) - 1), "analyze: channel groups", "eval") as bar:
@@ -887,7 +889,7 @@ def analyze_groups(
                     if count == 0:
                         measured[count] = {m: 0.0 for m in METRICS}
                     else:
-                        measured[count] = reference.loss(P.pruned_copy(work, dg, removed, recovery, data, means))
+                        measured[count] = reference.loss(P.pruned_copy(work, dg, removed, recovery, data, means, cache))
                 results.append(measured[count])
                 macs_at.append(int(round(budget.kept({group.id: ratio}) * budget.total)))
                 bar.update(1)

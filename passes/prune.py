@@ -50,7 +50,7 @@ from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
 from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
-from onnxslim_cv.reconstruct import Consumer, bias_compensation, reconstructable, refit_or_compensate
+from onnxslim_cv.reconstruct import Consumer, SliceCache, bias_compensation, reconstructable, refit_or_compensate
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction", "obs")
 RECOVERY = ("auto", "none", "bias", "lsq")
@@ -716,7 +716,7 @@ class _Pruned:
 
     @classmethod
     def of(cls, original: Model, model: Model, dg: DependencyGraph, removed: Sequence[int], recovery: str, data, means,
-           *, seed: int = 0, progress=None, in_place: bool = False) -> "_Pruned":
+           *, seed: int = 0, progress=None, in_place: bool = False, cache: Optional[SliceCache] = None) -> "_Pruned":
         """Remove the ``removed`` units of ``dg`` from ``model``, then recover against ``original``.
 
         ``recovery``: none, bias (mean compensation, from ``means``) or lsq (refit on ``data``).
@@ -732,15 +732,19 @@ class _Pruned:
         consumers = _consumers(dg, removed)
         result = cls(model, prune_channels(model, dg, removed))
         if recovery == "lsq":
-            result.refit, result.compensated = refit_or_compensate(original, model, consumers, data, means, seed=seed, progress=progress)
+            result.refit, result.compensated = refit_or_compensate(original, model, consumers, data, means, seed=seed, progress=progress,
+                                                                     cache=cache)
         elif recovery == "bias":
             result.compensated = bias_compensation(original, model, consumers, means)
         return result
 
 
-def pruned_copy(model: Model, dg: DependencyGraph, removed: Sequence[int], recovery: str, data, means) -> Model:
-    """A recovered copy of ``model`` without the ``removed`` units of ``dg`` (its graph); ``model`` is untouched."""
-    return _Pruned.of(model, model.copy(), dg, removed, recovery, data, means).model
+def pruned_copy(model: Model, dg: DependencyGraph, removed: Sequence[int], recovery: str, data, means,
+                cache: Optional[SliceCache] = None) -> Model:
+    """A recovered copy of ``model`` without the ``removed`` units of ``dg`` (its graph); ``model`` is untouched.
+
+    ``cache``: shared by calls on the same ``model`` and ``data`` (see :class:`SliceCache`)."""
+    return _Pruned.of(model, model.copy(), dg, removed, recovery, data, means, cache=cache).model
 
 
 def _keep_every_tensor_alive(dg: DependencyGraph, removed: List[int], scores) -> List[int]:

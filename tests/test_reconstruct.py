@@ -138,3 +138,75 @@ def test_first_stage_from_sliced_original_activations_fits_as_the_pruned_runs_do
     assert fits[True].keys() == fits[False].keys()
     for name in fits[True]:
         np.testing.assert_allclose(fits[True][name], fits[False][name], rtol=1e-4, atol=1e-6)
+
+
+def _conv_then_conv() -> onnx.ModelProto:
+    """1x1 conv (4 channels), then a 3x3 conv: the consumer's columns are channel-major taps."""
+    rng = np.random.default_rng(1)
+    inits = {"w1": rng.normal(size=(4, 3, 1, 1)), "b1": rng.normal(size=4), "w2": rng.normal(size=(5, 4, 3, 3)),
+             "b2": rng.normal(size=5)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _remove_units(proto, indices):
+    original = Model.from_proto(proto)
+    pruned = original.copy()
+    dg = build_dependency_graph(pruned)
+    group = next(g for g in dg.prunable_groups if "conv" in g.sources)
+    removed = [group.units[i] for i in indices]
+    consumers = prune_pass._consumers(dg, removed)
+    prune_channels(pruned, dg, removed)
+    return original, pruned, consumers
+
+
+@pytest.mark.parametrize("build", [_conv_then_conv, lambda: _redundant_then_deconv(4, 2, pad=1)], ids=["conv", "conv_transpose"])
+def test_slice_cache_gives_the_refit_of_a_full_pass_and_serves_later_removals(build, monkeypatch):
+    from onnxslim_cv.reconstruct import SliceCache
+
+    proto = build()
+    cache = SliceCache()
+    gathered = []
+    real = SliceCache.accumulate
+    monkeypatch.setattr(SliceCache, "accumulate", lambda self, node, *a: gathered.append(node.name) or real(self, node, *a))
+    for removal in ([3], [1, 3], [0]):
+        fits = []
+        for use in (cache, None):
+            original, pruned, consumers = _remove_units(proto, removal)
+            data = _data(original, count=48)
+            reconstruct(original, pruned, consumers, data, cache=use)
+            assert not any(c.skipped for c in consumers)
+            fits.append({t.name: t.values.copy() for t in pruned.constants()})
+        assert fits[0].keys() == fits[1].keys()
+        for name in fits[0]:
+            np.testing.assert_allclose(fits[0][name], fits[1][name], rtol=1e-4, atol=1e-6)
+    assert len(gathered) == 3  # the first removal's 3 batches; the others came from the cache
+
+
+def test_slice_cache_drops_its_oldest_entries_past_its_budget():
+    from onnxslim_cv.reconstruct import SliceCache
+
+    original, pruned, consumers = _remove_units(_conv_then_conv(), [3])
+    node = next(n for n in original.graph.nodes if n.name == "conv2")
+    x = np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    cache = SliceCache()
+    cache.accumulate(node, x, np.random.default_rng(0), 16)
+    assert "conv2" in cache
+    size = 8 * 37 * (37 + 5)  # (D + 1)^2 + (D + 1) * Cout doubles, D = 4 * 3 * 3
+    cache.max_bytes = size
+    assert cache.make_room([node], keep=["conv2"]) is False  # only room for one, and that one is kept
+    assert cache.make_room([node]) is True and "conv2" not in cache
+    cache.max_bytes = size - 1
+    assert cache.make_room([node]) is False
