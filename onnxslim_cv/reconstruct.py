@@ -34,7 +34,7 @@ from .graph_utils import new_constant, replace_constant_values
 from .ir import Model
 
 RECONSTRUCTABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-MAX_ROWS_ELEMENTS = 1 << 23  # bounds the patch matrix of one batch (~64 MB in float64)
+MAX_ROWS_ELEMENTS = 1 << 23  # bounds the patch matrix of one batch (~32 MB in float32)
 
 
 def _pair(values, n, default):
@@ -160,17 +160,17 @@ class SliceCache:
     def accumulate(self, node: gs.Node, x: np.ndarray, rng, positions_per_sample: int) -> None:
         matrix, _ = _as_matrix(node)
         kernel, positions = _sample(node, x.shape, rng, positions_per_sample)
-        rows = _rows(node, x.astype(np.float64), kernel, positions)
-        target = rows @ matrix.T.astype(np.float64)
-        design32 = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1).astype(np.float32)
+        rows = _rows(node, np.asarray(x, dtype=np.float32), kernel, positions)
+        target = rows @ matrix.T.astype(np.float32)
+        design = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
         entry = self._entries.get(node.name)
         if entry is None:
-            dim = design32.shape[1]
+            dim = design.shape[1]
             entry = self._entries[node.name] = _FullEquations(np.zeros((dim, dim)), np.zeros((dim, target.shape[1])),
                                                               np.zeros(target.shape[1]))
-        entry.gram += (design32.T @ design32).astype(np.float64)
-        entry.cross += (design32.T @ target.astype(np.float32)).astype(np.float64)
-        entry.energy += np.square(target).sum(axis=0)
+        entry.gram += design.T @ design
+        entry.cross += design.T @ target
+        entry.energy += np.square(target, dtype=np.float64).sum(axis=0)
         entry.rows += rows.shape[0]
 
     def fill(self, consumer: "Consumer", node: gs.Node) -> None:
@@ -401,18 +401,18 @@ def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, posi
     matrix, _ = _as_matrix(node)
     matrix = matrix[np.repeat(consumer.out_keep, _taps(node))]
     kernel, positions = _sample(node, x.shape, rng, positions_per_sample)
-    rows_orig = _rows(node, x.astype(np.float64), kernel, positions)
-    rows_new = _rows(node, x_new.astype(np.float64), kernel, positions)
-    target = rows_orig @ matrix.T.astype(np.float64)
-    design = np.concatenate([rows_new, np.ones((rows_new.shape[0], 1))], axis=1)
+    # float32 products (the normal equations were always float32 products), summed in float64
+    rows_orig = _rows(node, np.asarray(x, dtype=np.float32), kernel, positions)
+    rows_new = _rows(node, np.asarray(x_new, dtype=np.float32), kernel, positions)
+    target = rows_orig @ matrix.T.astype(np.float32)
+    design = np.concatenate([rows_new, np.ones((rows_new.shape[0], 1), np.float32)], axis=1)
     if consumer.gram is None:
         consumer.gram = np.zeros((design.shape[1], design.shape[1]))
         consumer.cross = np.zeros((design.shape[1], target.shape[1]))
-    design32 = design.astype(np.float32)
-    consumer.gram += (design32.T @ design32).astype(np.float64)
-    consumer.cross += (design32.T @ target.astype(np.float32)).astype(np.float64)
+    consumer.gram += design.T @ design
+    consumer.cross += design.T @ target
     consumer.rows += design.shape[0]
-    consumer.target_energy += float(np.square(target).sum())
+    consumer.target_energy += float(np.square(target, dtype=np.float64).sum())
 
 
 def _solve(consumer: Consumer, orig_node: gs.Node, node: gs.Node, pruned: Model, ridge: float) -> None:
