@@ -100,7 +100,8 @@ def make_session(
     quiet: bool = False,
     profile_prefix: Optional[str] = None,
 ) -> ort.InferenceSession:
-    """A CPU session. ``threads`` pins intra-op threads (benchmarks use 1 for stable numbers);
+    """A CPU session. ``threads`` pins intra-op threads (benchmarks use 1 for stable numbers;
+    without it the threads do not spin between runs, which would starve numpy in between);
     ``optimize``: True (every graph optimization), False (none) or ``"extended"`` (fusions, but
     not the NCHWc layout pass that renames convs); ``quiet`` silences onnxruntime's own error
     lines (for probes whose failure is an answer); ``profile_prefix`` turns its profiler on."""
@@ -109,6 +110,10 @@ def make_session(
     if threads is not None:
         session_options.intra_op_num_threads = threads
         session_options.inter_op_num_threads = 1
+    else:
+        # working sessions (calibration, refits) alternate with numpy's BLAS: threads that spin
+        # after each run starve it (ResNet-20's prune refit: 39 s of numpy instead of 2 s)
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     session_options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if optimize == "extended"
