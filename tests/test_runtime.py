@@ -43,3 +43,13 @@ def test_run_casts_inputs_to_the_declared_dtype():
     (as_float32,) = runtime.run(session, {"input": x})
     (from_float64,) = runtime.run(session, {"input": x.astype(np.float64)})
     np.testing.assert_allclose(as_float32, from_float64, rtol=1e-6)
+
+
+def test_working_sessions_do_not_spin_and_pinned_benchmark_sessions_keep_the_default():
+    proto = models.build("conv_chain")
+    working = runtime.make_session(proto).get_session_options()
+    assert working.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    pinned = runtime.make_session(proto, threads=1).get_session_options()
+    assert pinned.intra_op_num_threads == 1
+    with pytest.raises(Exception):  # not set: onnxruntime's default (spinning) applies
+        pinned.get_session_config_entry("session.intra_op.allow_spinning")
