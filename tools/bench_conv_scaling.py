@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How far onnxruntime's latency can follow MACs when channels are removed, on this CPU.
 
-    python tools/bench_conv_scaling.py [--seconds 2] [--models ppocr_cls,fastestdet,resnet20] [--markdown out.md]
+    python tools/bench_conv_scaling.py [--seconds 2] [--models squeezenet,resnet20,...] [--markdown out.md]
 
 The prune target "latency ratio <= 1.1x the MACs ratio" assumes time falls with MACs. Two
 measurements say where it cannot:
@@ -12,7 +12,8 @@ measurements say where it cannot:
    output channels, as when a group is pruned uniformly); the table gives each count's time
    and MACs against the widest, and time ratio / MACs ratio (1 = time follows MACs).
 2. Whole shared models (1 thread, onnxruntime's profiler via ``bench.node_times``): the share
-   of the fp32 model's kernel time spent outside dense (non-depthwise) convs. Removing
+   of the fp32 model's kernel time spent outside dense (non-depthwise) convs, Gemm and MatMul
+   (at onnxruntime's extended optimization level, where nodes keep their names). Removing
    channels shrinks those ops' work at most linearly in the channel count while the dense
    convs' MACs shrink quadratically, so that share sets a floor under latency/MACs.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402  (also puts the repo on sys.path)
 
 from onnxslim_cv import runtime  # noqa: E402
-from onnxslim_cv.bench import node_times, race  # noqa: E402
+from onnxslim_cv.bench import node_times, race, random_feed  # noqa: E402
 
 CHAIN = 6
 SHAPES: Tuple[Tuple[str, int, int, int, Tuple[int, ...]], ...] = (
@@ -83,11 +84,11 @@ def conv_rows(seconds: float) -> List[List[str]]:
     return rows
 
 
-def _is_dense_conv(node: onnx.NodeProto, inits: Dict[str, onnx.TensorProto]) -> bool:
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return False
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    return group == 1
+def _kind(node: onnx.NodeProto) -> str:
+    if node.op_type in ("Conv", "ConvTranspose"):
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return "dense" if group == 1 else "depthwise/grouped"
+    return "dense" if node.op_type in ("Gemm", "MatMul") else "other"
 
 
 def model_rows(keys: Sequence[str], seconds: float) -> List[List[str]]:
@@ -97,21 +98,12 @@ def model_rows(keys: Sequence[str], seconds: float) -> List[List[str]]:
             path = folder / f"{entry.key}.onnx"
             benchlib.prepare_fp32(entry, path)
             proto = onnx.load(str(path))
-            session = runtime.make_session(str(path))
-            from onnxslim_cv.bench import random_feed
-
-            feed = random_feed(session, entry.input_shapes)
+            for index, node in enumerate(proto.graph.node):  # the profiler reports nodes by name
+                node.name = node.name or f"{node.op_type}_{index}"
+            onnx.save(proto, str(path))
+            feed = random_feed(runtime.make_session(str(path)), entry.input_shapes)
             times = node_times([str(path)], feed, seconds=seconds)[0]
-        inits = {t.name: t for t in proto.graph.initializer}
-        kinds = {}
-        for node in proto.graph.node:
-            if node.op_type == "Conv":
-                group = next((a.i for a in node.attribute if a.name == "group"), 1)
-                kinds[node.name] = "dense" if group == 1 else "depthwise/grouped"
-            elif _is_dense_conv(node, inits):
-                kinds[node.name] = "dense"
-            else:
-                kinds[node.name] = "other"
+        kinds = {node.name: _kind(node) for node in proto.graph.node}
         total = sum(times.values())
         shares = {k: sum(t for n, t in times.items() if kinds.get(n, "other") == k) / total
                   for k in ("dense", "depthwise/grouped", "other")}
@@ -125,8 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per pair of chains (default 2)")
-    parser.add_argument("--models", default="resnet20,ppocr_cls,fastestdet",
-                        help="shared models whose time is split by op kind (default resnet20,ppocr_cls,fastestdet; '' = none)")
+    parser.add_argument("--models", default="squeezenet,resnet20,ppocr_cls,ppocr_det,ultraface,fastestdet",
+                        help="shared models whose time is split by op kind (default: the six of tools/bench_prune.py; '' = none)")
     parser.add_argument("--markdown", help="also write the tables to this markdown file")
     args = parser.parse_args(argv)
     text = benchlib.markdown_table(["conv", "channels", "time per conv", "time / widest", "MACs / widest",
