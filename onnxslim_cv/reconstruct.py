@@ -23,6 +23,7 @@ the per-tap offsets of the fit are averaged into it.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -133,9 +134,6 @@ class SliceCache:
     def __init__(self, max_bytes: int = 512 << 20):
         self.max_bytes = max_bytes
         self._entries: Dict[str, _FullEquations] = {}
-
-    def clear(self) -> None:
-        self._entries.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -312,8 +310,9 @@ def reconstruct(
     input_names = sorted({orig_nodes[n].inputs[0].name for n in todo})
     dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), input_names)) if todo else False
     original_session = activations.tap_session(original, input_names, dynamic_batch=dynamic_batch) if todo else None
+    # one stream per layer: its rows do not depend on the other layers, its stage or the cache
+    rngs = {name: np.random.default_rng([seed, zlib.crc32(name.encode())]) for name in todo}
     for index, stage in enumerate(stages):
-        rng = np.random.default_rng([seed, index])  # per stage: the rows do not depend on what the cache skipped
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
         pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch)
         size = activations.session_batch_size(pruned_session, batch_size)
@@ -338,10 +337,10 @@ def reconstruct(
                                     break  # the whole stage is already in the cache
             if missing is not None:
                 for name in missing:
-                    cache.accumulate(orig_nodes[name], reference[orig_nodes[name].inputs[0].name], rng, positions_per_sample)
+                    cache.accumulate(orig_nodes[name], reference[orig_nodes[name].inputs[0].name], rngs[name], positions_per_sample)
                 continue
             for name in stage:
-                _accumulate(by_name[name], orig_nodes[name], reference, current, rng, positions_per_sample)
+                _accumulate(by_name[name], orig_nodes[name], reference, current, rngs[name], positions_per_sample)
         for name in stage:
             if missing is not None:
                 cache.fill(by_name[name], orig_nodes[name])

@@ -570,9 +570,9 @@ def select_for_macs(dg, scores, limits, target, max_ratio, fixed_ratio) -> List[
         mask[removed] = True
         return evaluate(mask)
 
-    best = removal(len(candidates))
-    if macs_of(best) > goal * (1 + 1e-9):
-        reachable = macs_of(best) / total
+    floor = smallest_macs(dg, limits, max_ratio, fixed_ratio)
+    if floor > goal * (1 + 1e-9):
+        reachable = floor / total
         raise UserError(
             f"prune: --prune-target-macs {target:g} is unreachable; with the frozen groups, "
             f"--prune-max-ratio and rounding the model keeps at least {reachable:.3f} of its MACs"
