@@ -120,7 +120,8 @@ class PrunePass(Pass):
         PassOption(
             "round_to",
             "auto",
-            "keep channel counts at multiples of this (rounded up); auto = the CPU's conv block, 16 on AVX-512, else 8; 1 = off",
+            "keep channel counts at multiples of this (rounded up); auto = the CPU's conv block, 16 on AVX-512, else 8, "
+            "finer only in the groups a --prune-target-macs cannot be met without (the report says how many); 1 = off",
             _round_to,
             metavar="N",
             aliases=("--round-to",),
