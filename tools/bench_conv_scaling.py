@@ -27,11 +27,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402  (also puts the repo on sys.path)
 
+from bench_int8_kernels import conv_chain  # noqa: E402  (the same Conv+Relu chains, dense, fp32)
 from onnxslim_cv import runtime  # noqa: E402
 from onnxslim_cv.bench import node_times, race, random_feed  # noqa: E402
 
@@ -46,29 +46,10 @@ SHAPES: Tuple[Tuple[str, int, int, int, Tuple[int, ...]], ...] = (
 )
 
 
-def conv_chain(channels: int, kernel: int, height: int, width: int, length: int) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    current = "x"
-    for i in range(length):
-        weight = (rng.standard_normal((channels, channels, kernel, kernel)) * 0.1).astype(np.float32)
-        inits += [numpy_helper.from_array(weight, f"w{i}"), numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}")]
-        nodes += [helper.make_node("Conv", [current, f"w{i}", f"b{i}"], [f"c{i}"], pads=[kernel // 2] * 4),
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
-        current = f"r{i}"
-    graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, height, width])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
-
-
 def per_conv_us(channels: int, kernel: int, height: int, width: int, seconds: float) -> float:
     feed = {"x": np.random.default_rng(1).standard_normal((1, channels, height, width)).astype(np.float32)}
-    long_ms, short_ms = race([conv_chain(channels, kernel, height, width, CHAIN),
-                              conv_chain(channels, kernel, height, width, 1)], feed, seconds=seconds, threads=1)
+    long_ms, short_ms = race([conv_chain(channels, kernel, 1, height, width, CHAIN, int8=False),
+                              conv_chain(channels, kernel, 1, height, width, 1, int8=False)], feed, seconds=seconds, threads=1)
     return max(long_ms - short_ms, 1e-6) / (CHAIN - 1) * 1e3
 
 
