@@ -110,9 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         text += "\n\n" + benchlib.markdown_table(
             ["model", "kernel time (fp32, 1 thread)", "nodes timed", "dense convs / Gemm / MatMul",
              "depthwise / grouped convs", "other ops"], model_rows(keys, args.seconds))
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    benchlib.publish(text, {}, args)
     return 0
 
 

@@ -109,9 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    align="lrrrrr")
     text += ("\n\nonnxruntime CPU, 1 thread; per conv in a chain of "
              f"{CHAIN} (Conv+Relu), interleaved round-robin in one process.")
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    benchlib.publish(text, {}, args)
     return 0
 
 

@@ -391,10 +391,10 @@ def bench_each(entries: Sequence[zoo.SharedModel], bench_model, runs, args, *, p
 
 def publish(text: str, results: Dict[str, Any], args, *, shown: Optional[str] = None) -> None:
     """Print the tables (``shown``, default ``text``), write ``text`` to ``--markdown`` and the
-    results to ``--json`` when asked."""
+    results to ``--json`` when asked (tools without ``--json`` pass no results)."""
     print(text if shown is None else shown)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
         progress(f"wrote {args.markdown}")
-    write_json(args.json, results)
+    write_json(getattr(args, "json", None), results)
 
