@@ -159,16 +159,13 @@ class SliceCache:
         matrix, _ = _as_matrix(node)
         kernel, positions = _sample(node, x.shape, rng, positions_per_sample)
         rows = _rows(node, np.asarray(x, dtype=np.float32), kernel, positions)
-        target = rows @ matrix.T.astype(np.float32)
-        design = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
+        gram, cross, energy = _equations(rows, rows, matrix)
         entry = self._entries.get(node.name)
         if entry is None:
-            dim = design.shape[1]
-            entry = self._entries[node.name] = _FullEquations(np.zeros((dim, dim)), np.zeros((dim, target.shape[1])),
-                                                              np.zeros(target.shape[1]))
-        entry.gram += design.T @ design
-        entry.cross += design.T @ target
-        entry.energy += np.square(target, dtype=np.float64).sum(axis=0)
+            entry = self._entries[node.name] = _FullEquations(np.zeros(gram.shape), np.zeros(cross.shape), np.zeros(energy.shape))
+        entry.gram += gram
+        entry.cross += cross
+        entry.energy += energy
         entry.rows += rows.shape[0]
 
     def fill(self, consumer: "Consumer", node: gs.Node) -> None:
@@ -400,18 +397,25 @@ def _accumulate(consumer: Consumer, node: gs.Node, reference, current, rng, posi
     matrix, _ = _as_matrix(node)
     matrix = matrix[np.repeat(consumer.out_keep, _taps(node))]
     kernel, positions = _sample(node, x.shape, rng, positions_per_sample)
-    # float32 products (the normal equations were always float32 products), summed in float64
     rows_orig = _rows(node, np.asarray(x, dtype=np.float32), kernel, positions)
     rows_new = _rows(node, np.asarray(x_new, dtype=np.float32), kernel, positions)
+    gram, cross, energy = _equations(rows_new, rows_orig, matrix)
+    if consumer.gram is None:
+        consumer.gram = np.zeros(gram.shape)
+        consumer.cross = np.zeros(cross.shape)
+    consumer.gram += gram
+    consumer.cross += cross
+    consumer.rows += rows_new.shape[0]
+    consumer.target_energy += float(energy.sum())
+
+
+def _equations(rows_new: np.ndarray, rows_orig: np.ndarray, matrix: np.ndarray):
+    """One batch's ``X'^T X'``, ``X'^T Y`` (``X'`` with a ones column for the bias, ``Y`` the
+    original layer's output) and ``Y``'s energy per output row: float32 products (the normal
+    equations always were), summed by the callers in float64."""
     target = rows_orig @ matrix.T.astype(np.float32)
     design = np.concatenate([rows_new, np.ones((rows_new.shape[0], 1), np.float32)], axis=1)
-    if consumer.gram is None:
-        consumer.gram = np.zeros((design.shape[1], design.shape[1]))
-        consumer.cross = np.zeros((design.shape[1], target.shape[1]))
-    consumer.gram += design.T @ design
-    consumer.cross += design.T @ target
-    consumer.rows += design.shape[0]
-    consumer.target_energy += float(np.square(target, dtype=np.float64).sum())
+    return design.T @ design, design.T @ target, np.square(target, dtype=np.float64).sum(axis=0)
 
 
 def _solve(consumer: Consumer, orig_node: gs.Node, node: gs.Node, pruned: Model, ridge: float) -> None:
