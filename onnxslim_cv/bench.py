@@ -194,29 +194,49 @@ def _label(model, index: int) -> str:
 
 
 def race(models: Sequence[Any], feed: Dict[str, np.ndarray], *, seconds: float = 1.5, threads: int = 1,
-         min_rounds: int = 5, max_rounds: int = 10_000) -> List[float]:
+         min_rounds: int = 5, max_rounds: int = 10_000, eliminate: Optional[float] = None,
+         eliminate_after: int = 10) -> List[float]:
     """Median milliseconds of each model on ``feed``, timed round-robin in one loop.
 
     For choosing between several candidates quickly: every round runs each model once (in a
     rotating order), so machine noise hits all of them alike, and the total time is bounded
     by ``seconds`` whatever the number of candidates; small models stop at ``max_rounds``
     (a median of a few hundred runs is already steady) instead of filling the time.
+
+    ``eliminate`` (a fraction, e.g. 0.02): from ``eliminate_after`` rounds on, a candidate
+    whose lower quartile is above the current leader's upper quartile times ``1 + eliminate``
+    is clearly slower and stops running (its median is from the rounds it ran), and the race
+    ends once one candidate is left. Near-ties still get the whole budget; a clear winner
+    (SqueezeNet's all-int8 model at half the time of its float-stem variants) is found in a
+    few dozen runs instead of 1.5 s.
     """
     sessions = [runtime.make_session(m, threads=threads) for m in models]
     for session in sessions:  # warm up: first runs allocate and pick kernels
         for _ in range(2):
             session.run(None, feed)
     samples: List[List[float]] = [[] for _ in sessions]
+    running = list(range(len(sessions)))
     deadline = time.perf_counter() + seconds
     rounds = 0
     while rounds < min_rounds or time.perf_counter() < deadline:
-        order = list(range(len(sessions)))
-        shift = rounds % len(order)
-        for index in order[shift:] + order[:shift]:
+        shift = rounds % len(running)
+        for index in running[shift:] + running[:shift]:
             started = time.perf_counter()
             sessions[index].run(None, feed)
             samples[index].append(time.perf_counter() - started)
         rounds += 1
         if rounds >= max(max_rounds, min_rounds):
             break
+        if eliminate is not None and rounds >= eliminate_after and len(running) > 1:
+            running = _still_close(running, samples, eliminate)
+            if len(running) == 1:
+                break
     return [statistics.median(times) * 1e3 for times in samples]
+
+
+def _still_close(running: List[int], samples: List[List[float]], margin: float) -> List[int]:
+    """The candidates not clearly slower than the leader (see :func:`race`)."""
+    quartiles = {i: np.percentile(samples[i], [25, 75]) for i in running}
+    leader = min(running, key=lambda i: statistics.median(samples[i]))
+    bound = quartiles[leader][1] * (1.0 + margin)
+    return [i for i in running if i == leader or quartiles[i][0] <= bound]

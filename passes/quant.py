@@ -56,7 +56,7 @@ FALLBACK_SAMPLES = 64
 MIN_HISTOGRAM_SAMPLES = 8
 PLACEMENT_SECONDS = 1.5  # total timing budget for the candidate placements
 PLACEMENT_ROUNDS = 300  # ... reached sooner by small models: 300 runs of each candidate are plenty
-PLACEMENT_MARGIN = 0.02  # candidates this close to the fastest count as equally fast
+PLACEMENT_MARGIN = 0.02  # candidates this close to the fastest count as equally fast (clearly slower ones drop out early)
 OUTPUT_LAYER_SHARE = 0.02  # output layers stay float while together under 2% of the MACs
 BIAS_SAMPLES = 64
 SNR_SAMPLES = 8
@@ -549,7 +549,8 @@ def _choose_float_stem(float_model, plan, ranges, act_type, config, data, base_f
         protos.append(model.to_proto())
     try:
         feed = next(iter(data.batches(1)))
-        times = dict(zip(variants, race(protos, feed, seconds=PLACEMENT_SECONDS, max_rounds=PLACEMENT_ROUNDS)))
+        times = dict(zip(variants, race(protos, feed, seconds=PLACEMENT_SECONDS, max_rounds=PLACEMENT_ROUNDS,
+                                                eliminate=PLACEMENT_MARGIN)))
     except Exception as exc:  # timing is an optimisation: never fail the pass on it
         return [], f"placement: timing failed ({type(exc).__name__}), every supported op int8"
     best = _pick_placement(times, variants)

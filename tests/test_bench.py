@@ -72,3 +72,26 @@ def test_race_stops_at_max_rounds_for_small_models_and_ranks_by_work():
     small_ms, big_ms = race([small, big], feed, seconds=60.0, max_rounds=40)
     assert time.perf_counter() - started < 30  # 40 rounds, not the 60 s budget
     assert 0 < small_ms < big_ms
+
+
+def test_race_drops_clearly_slower_candidates_and_ends_when_one_is_left():
+    import time
+
+    from onnxslim_cv.bench import race
+
+    small = models.conv_chain()
+    feed = random_feed(runtime.make_session(small))
+    big = models.conv_chain(channels=(128, 256, 256))
+    started = time.perf_counter()
+    small_ms, big_ms = race([small, big], feed, seconds=60.0, max_rounds=10**6, eliminate=0.02)
+    assert time.perf_counter() - started < 20  # decided in the first rounds (0.1 s here), not at the 60 s budget
+    assert 0 < small_ms < big_ms
+
+
+def test_race_keeps_near_ties_running():
+    from onnxslim_cv.bench import _still_close
+
+    tied = [[1.00, 1.01, 0.99, 1.02], [1.01, 1.00, 1.02, 0.99], [2.0, 2.1, 1.9, 2.0]]
+    assert _still_close([0, 1, 2], tied, 0.02) == [0, 1]  # the 2x one drops, the tie stays
+    assert _still_close([0, 1], [[1.0] * 4, [1.03] * 4], 0.02) == [0]  # 3% over the leader's upper quartile
+    assert _still_close([0, 1], [[1.0] * 4, [1.015] * 4], 0.02) == [0, 1]
