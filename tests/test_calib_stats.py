@@ -268,3 +268,39 @@ def test_collect_stats_over_a_conv_relu_model(method):
         assert (tensor.counts is None) == (method == "minmax")
     ranges = stats.ranges(method)
     assert set(ranges) == {"conv", "y"} and all(low < high for low, high in ranges.values())
+
+
+def _kl_bin_by_bin(counts, cut, levels, epsilon=1e-4):
+    """Migacz's KL(P||Q) for one cut, written out bin by bin (the reference for the fast form)."""
+    total = counts.sum()
+    p = counts[:cut].astype(np.float64).copy()
+    p[cut - 1] += total - counts[:cut].sum()
+    q = np.zeros(cut)
+    for bucket in range(levels):
+        members = [j for j in range(cut) if (j * levels) // cut == bucket]
+        filled = [j for j in members if counts[j] > 0]
+        for j in filled:
+            q[j] = counts[members].sum() / len(filled)
+    p, q = p / total, q / max(counts[:cut].sum(), 1e-300)
+    q[(p > 0) & (q <= 0)] = epsilon
+    return float(sum(p[j] * np.log(p[j] / q[j]) for j in range(cut) if p[j] > 0))
+
+
+@pytest.mark.parametrize("shape", ["decaying", "sparse", "noisy", "empty tail"])
+def test_kl_divergences_match_the_bin_by_bin_sum(shape):
+    from onnxslim_cv.calib_stats import _kl_divergences
+
+    rng = np.random.default_rng(3)
+    bins, levels = 300, 16
+    positions = np.arange(bins)
+    counts = {
+        "decaying": np.floor(1e6 * np.exp(-positions / 40.0)),
+        "sparse": np.where(rng.random(bins) < 0.4, rng.integers(1, 500, bins), 0).astype(float),
+        "noisy": rng.integers(0, 1000, bins).astype(float),
+        "empty tail": np.concatenate([np.floor(1e4 * np.exp(-positions[:200] / 30.0)), np.zeros(99), [2.0]]),
+    }[shape]
+    cuts = np.arange(levels, bins + 1)
+    fast = _kl_divergences(counts, cuts, levels)
+    reference = np.array([_kl_bin_by_bin(counts, int(cut), levels) for cut in cuts])
+    np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
+    assert int(np.argmin(fast)) == int(np.argmin(reference))
