@@ -69,6 +69,10 @@ def test_render_fake_results(bench_quant):
     assert "0.50x/n/a" in text  # calibration time vs ORT MinMax
     assert "mnist: failed before quantizing: RuntimeError: boom" in text
     assert "Command: `python tools/bench_quant.py --models resnet20`. Wall time 1.5 min." in text
+    machine = fake_results()
+    machine["settings"]["machine"] = "AMD EPYC, 2 logical cores, onnxruntime 1.31.1"
+    assert text.endswith("Wall time 1.5 min.")  # older results without the machine line still render
+    assert bench_quant.render(machine).endswith("Wall time 1.5 min. Machine: AMD EPYC, 2 logical cores, onnxruntime 1.31.1.")
     checks = {c[0]: c[1:] for c in bench_quant.target_checks(fake_results()["models"][0], ["1", "2"], ["64", "512"])}
     assert checks["top-1 drop ≤ 0.3 pt"] == ["0.3 pt", "yes"]  # 81.5 - 81.2, within rounding
     assert checks["top-1 ≥ ORT best"][1] == "yes"

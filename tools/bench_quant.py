@@ -708,7 +708,8 @@ def render(results: Dict[str, Any]) -> str:
             "smaller than the sample count are cycled (the same decoded arrays again; ImageNet has 500 images). "
             "ORT rows use int8 activations.",
         ]
-    parts += ["", f"Command: `{results.get('command', '')}`. Wall time {results.get('wall_seconds', 0) / 60:.1f} min."]
+    machine = f" Machine: {settings['machine']}." if settings.get("machine") else ""
+    parts += ["", f"Command: `{results.get('command', '')}`. Wall time {results.get('wall_seconds', 0) / 60:.1f} min.{machine}"]
     return "\n".join(parts)
 
 
@@ -820,6 +821,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "memory_samples": args.memory_samples if args.memory else [],
             "memory_models": args.memory_models if args.memory else [],
             "onnxruntime": onnxruntime.__version__,
+            "machine": benchlib.machine(),
         },
         "models": rows,
     }

@@ -159,6 +159,23 @@ class Timer:
         self.seconds = time.perf_counter() - self.started
 
 
+def machine() -> str:
+    """CPU model, logical cores and onnxruntime version, printed with a benchmark's tables: latency
+    ratios (int8 / fp32 above all) depend on all three, and a VM does not always land on the same host."""
+    import os
+    import platform
+
+    import onnxruntime
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, onnxruntime {onnxruntime.__version__}"
+
+
 def progress(message: str) -> None:
     """One status line on stderr, so stdout carries only the tables."""
     print(message, file=sys.stderr, flush=True)
