@@ -71,14 +71,16 @@ def _relax_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
     return relaxed
 
 
-def iterate(session, data, names: Sequence[str], *, batch_size: int = DEFAULT_BATCH) -> Iterator[Dict[str, np.ndarray]]:
-    """``{name: activation}`` for every batch of ``data`` (a CalibrationData or iterable of feeds)."""
+def iterate(session, data, names: Sequence[str], *, batch_size: int = DEFAULT_BATCH,
+            with_feeds: bool = False) -> Iterator:
+    """``{name: activation}`` for every batch of ``data`` (a CalibrationData or iterable of feeds);
+    ``(feed, {name: activation})`` with ``with_feeds``."""
     batch_size = session_batch_size(session, batch_size)
     batches = data.batches(batch_size) if hasattr(data, "batches") else iter(data)
     names = list(names)
     for feed in batches:
-        values = runtime.run(session, feed, names)
-        yield dict(zip(names, values))
+        values = dict(zip(names, runtime.run(session, feed, names)))
+        yield (feed, values) if with_feeds else values
 
 
 def prefetch(iterator: Iterator, depth: int = 1) -> Iterator:

@@ -28,7 +28,7 @@ Range methods (``TensorStats.range``):
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -283,6 +283,7 @@ class CalibrationStats:
         self.batches = 0
         self.samples = 0
         self.moments: Dict[str, "activations.ChannelMoments"] = {}
+        self.reference: Optional[List[Tuple[Dict[str, np.ndarray], List[np.ndarray]]]] = None
 
     def update(self, values: Dict[str, np.ndarray]) -> None:
         """Merge one batch of ``{name: activation}``; names not being tracked are ignored."""
@@ -312,6 +313,7 @@ def collect_stats(
     progress=None,
     bins: int = DEFAULT_BINS,
     channel_axes: Optional[Dict[str, int]] = None,
+    keep_outputs: int = 0,
 ) -> CalibrationStats:
     """Run ``model`` (an onnxslim_cv.ir.Model) over ``data`` (a CalibrationData or iterable of
     feed dicts), tapping tensors ``names``, and merge statistics batch by batch.
@@ -319,24 +321,58 @@ def collect_stats(
     Only minmax skips the histogram, which makes its pass over the data several times faster.
     ``channel_axes`` (tensor -> channel axis) also accumulates per-channel means of those
     tensors in the same pass (``stats.moments``, mean only), for passes that need them too.
+    ``keep_outputs``: also keep the first that many samples' feeds and model outputs
+    (``stats.reference``, batches of ``(feed, [outputs])``; None past 256 MB), so a later
+    comparison against the float model need not run it again.
     """
     stats = CalibrationStats(names, histogram=needs_histogram(method), bins=bins)
     channel_axes = dict(channel_axes or {})
     stats.moments = {name: activations.ChannelMoments(axis, mean_only=True) for name, axis in channel_axes.items()}
-    tapped = list(dict.fromkeys(list(stats.tensors) + list(channel_axes)))
-    if not tapped:
+    outputs = [t.name for t in model.graph.outputs] if keep_outputs > 0 else []
+    tapped = list(dict.fromkeys(list(stats.tensors) + list(channel_axes) + outputs))
+    if not list(stats.tensors) + list(channel_axes):
         return stats
     # One inference thread, overlapped with the histogram work on the other core.
     threads = 1 if needs_histogram(method) else None
     session = activations.tap_session(model, tapped, threads=threads)
     batch_size = activations.batch_size_for(model, tapped, preferred=batch_size)
-    for values in activations.prefetch(activations.iterate(session, data, tapped, batch_size=batch_size)):
+    kept = _KeptOutputs(outputs, keep_outputs) if outputs else None
+    batches = activations.iterate(session, data, tapped, batch_size=batch_size, with_feeds=True)
+    for feed, values in activations.prefetch(batches):
         stats.update({name: values[name] for name in stats.tensors})
         for name, moments in stats.moments.items():
             moments.update(values[name])
+        if kept is not None:
+            kept.add(feed, values)
         if progress is not None:
             progress.update(1)
+    stats.reference = kept.pairs if kept is not None else None
     return stats
+
+
+class _KeptOutputs:
+    """The first ``limit`` samples' feeds and outputs, batch by batch, within a memory budget."""
+
+    BUDGET_BYTES = 256 << 20
+
+    def __init__(self, outputs: List[str], limit: int):
+        self.outputs, self.limit = outputs, limit
+        self.pairs: Optional[List[Tuple[Dict[str, np.ndarray], List[np.ndarray]]]] = []
+        self.count = self.bytes = 0
+
+    def add(self, feed: Dict[str, np.ndarray], values: Dict[str, np.ndarray]) -> None:
+        if self.pairs is None or self.count >= self.limit:
+            return
+        batch = next((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), 1)
+        take = min(batch, self.limit - self.count)
+        feed = {k: np.asarray(v)[:take] if take < batch else v for k, v in feed.items()}
+        result = [np.asarray(values[name])[:take] if take < batch else values[name] for name in self.outputs]
+        self.bytes += sum(np.asarray(v).nbytes for v in feed.values()) + sum(v.nbytes for v in result)
+        if self.bytes > self.BUDGET_BYTES:
+            self.pairs = None
+            return
+        self.pairs.append((feed, result))
+        self.count += take
 
 
 # ---------------------------------------------------------------------------------------------

@@ -701,6 +701,21 @@ class ReferenceOutputs:
         if self.cache is not None and not self.cache:
             raise UserError("sensitivity analysis got no samples (empty data)")
 
+    @classmethod
+    def from_pairs(cls, pairs: List[Tuple[Dict[str, np.ndarray], List[np.ndarray]]], outputs: Sequence[str], *,
+                   grow: bool) -> "ReferenceOutputs":
+        """Reference outputs computed elsewhere (the quant pass keeps them from its calibration run).
+
+        ``pairs``: batches of ``(feed, [output values])`` in ``outputs`` order; ``grow``: whether
+        a candidate's batch dim must be made symbolic to take these feeds."""
+        if not pairs:
+            raise UserError("sensitivity analysis got no samples (empty data)")
+        self = cls.__new__(cls)
+        self.data, self.session, self.grow = None, None, grow
+        self.outputs, self.fixed, self.batch = list(outputs), None, None
+        self.cache = list(pairs)
+        return self
+
     def _compute(self):
         for feed in _batches(self.data, self.batch):
             if self.fixed and _batch_of(feed) != self.fixed:

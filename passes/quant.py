@@ -265,7 +265,8 @@ def _calibrate(model, plan: QuantPlan, data, method, context):
     # The inputs' channel means for bias correction come from the same pass over the data.
     axes = {node.inputs[0].name: 1 for node in _corrected_layers(model, plan)}
     with progress_bar(context, total=None, desc=f"quant: calibrate ({method})", unit="batch") as bar:
-        stats = calib_stats.collect_stats(model, names, data, method=histogram_method, progress=bar, channel_axes=axes)
+        stats = calib_stats.collect_stats(model, names, data, method=histogram_method, progress=bar, channel_axes=axes,
+                                          keep_outputs=METHOD_SAMPLES if method == "auto" else 0)
     if stats.samples == 0:
         raise UserError("quant: the calibration data is empty")
     return stats
@@ -357,7 +358,12 @@ def _choose_method(float_model, plan: QuantPlan, stats, config, act_type: str, d
     from onnxslim_cv.sensitivity import ReferenceOutputs
 
     sample = data.limited(METHOD_SAMPLES)
-    reference = ReferenceOutputs(float_model, sample)
+    kept = getattr(stats, "reference", None)
+    if kept:  # the float outputs of these samples, kept by the calibration pass
+        grow = any(np.ndim(v) and np.shape(v)[0] > 1 for feed, _ in kept for v in feed.values())
+        reference = ReferenceOutputs.from_pairs(kept, [t.name for t in float_model.graph.outputs], grow=grow)
+    else:
+        reference = ReferenceOutputs(float_model, sample)
     candidates: Dict[str, Tuple[QuantPlan, Dict[str, Tuple[float, float]]]] = {}
     losses: Dict[str, float] = {}
     same_as: Dict[str, str] = {}

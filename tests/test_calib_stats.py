@@ -270,6 +270,29 @@ def test_collect_stats_over_a_conv_relu_model(method):
     assert set(ranges) == {"conv", "y"} and all(low < high for low, high in ranges.values())
 
 
+def test_collect_stats_keeps_the_first_samples_outputs_for_a_later_comparison(monkeypatch):
+    from onnxslim_cv import calib_stats
+
+    rng = np.random.default_rng(9)
+    weight = rng.normal(size=(3, 2, 1, 1)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    data = [{"x": rng.normal(size=(n, 2, 4, 4)).astype(np.float32)} for n in (2, 3, 1)]
+    inputs = np.concatenate([feed["x"] for feed in data])
+    y = np.maximum(np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], inputs) + bias[None, :, None, None], 0.0)
+
+    stats = collect_stats(conv_relu_model(weight, bias), ["conv"], data, method="percentile", keep_outputs=4)
+
+    assert [feed["x"].shape[0] for feed, _ in stats.reference] == [2, 2]  # the second batch cut at 4 samples
+    np.testing.assert_array_equal(np.concatenate([feed["x"] for feed, _ in stats.reference]), inputs[:4])
+    kept = np.concatenate([outputs[0] for _, outputs in stats.reference])
+    np.testing.assert_allclose(kept, y[:4], rtol=1e-5, atol=1e-6)
+    assert stats.tensors["conv"].count == inputs.shape[0] * 3 * 16  # statistics still see every sample
+    assert collect_stats(conv_relu_model(weight, bias), ["conv"], data).reference is None  # not asked for
+
+    monkeypatch.setattr(calib_stats._KeptOutputs, "BUDGET_BYTES", 100)
+    assert collect_stats(conv_relu_model(weight, bias), ["conv"], data, keep_outputs=4).reference is None
+
+
 def _kl_bin_by_bin(counts, cut, levels, epsilon=1e-4):
     """Migacz's KL(P||Q) for one cut, written out bin by bin (the reference for the fast form)."""
     total = counts.sum()

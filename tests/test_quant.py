@@ -249,7 +249,9 @@ def test_auto_keeps_the_method_with_the_lowest_output_loss_as_measured(name):
     reference = _outputs(float_model, data)
     for method, recorded in losses.items():
         _, out, _ = _quant(proto, data, calib_method=method)
-        assert output_loss(reference, _outputs(out, data), "cosine") == pytest.approx(recorded, rel=1e-6, abs=1e-12)
+        # rel 1e-4: auto's float outputs come from the calibration session, whose taps keep
+        # onnxruntime from fusing Conv + Relu, so they differ from a plain session's in the 7th digit
+        assert output_loss(reference, _outputs(out, data), "cosine") == pytest.approx(recorded, rel=1e-4, abs=1e-12)
 
 
 def test_placement_keeps_more_layers_float_only_when_as_fast():
