@@ -83,6 +83,24 @@ def test_render_fake_results(bench_quant):
     assert checks["calibration statistics time ≤ ORT MinMax @512"][1] == "n/a"
 
 
+def test_closeness_table_reads_each_variants_agreement_with_fp32(bench_quant):
+    results = fake_results()
+    row = results["models"][0]
+    for name, (agree, cosine) in {"ort_s8_minmax": (0.93, 0.990), "ort_s8_pct": (0.95, 0.995),
+                                  "ort_u8_pct": (0.96, 0.994), "ours": (0.96, 0.996)}.items():
+        row["variants"][name]["quality"] = {
+            "agreement": {"top1_agreement": agree, "cosine_mean": cosine},
+            "agreement_primary": {"name": "top-1 agreement", "value": agree, "text": f"{100 * agree:.2f}%"}}
+    table = bench_quant.closeness_table(results["models"])
+    line = next(line for line in table.splitlines() if line.startswith("| resnet20"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "top-1 agreement · cosine"
+    assert cells[2:7] == ["93.00% · 0.9900", "95.00% · 0.9950", "n/a", "96.00% · 0.9940", "96.00% · 0.9960"]
+    assert cells[7] == "ours"  # tied agreement with ORT uint8 Pct, higher cosine
+    assert "Closeness to fp32" in bench_quant.render(results)
+    assert bench_quant.closeness_table([{"key": "x", "error": "boom"}]) == ""
+
+
 def test_ort_best_prefers_quality_then_speed(bench_quant):
     row = fake_results()["models"][0]
     best, fastest = bench_quant.ort_best(row, [1, 2])

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import re
 import resource
 import shlex
@@ -503,6 +504,40 @@ def quality_table(rows: List[Dict[str, Any]], threads: Sequence[str]) -> str:
     return benchlib.markdown_table(headers, lines, align="ll" + "r" * len(VARIANTS))
 
 
+def closeness_table(rows: List[Dict[str, Any]]) -> str:
+    """How close each variant stays to fp32 on the evaluation samples: the classifiers' top-1
+    agreement (which, unlike top-1 against the labels, counts every changed answer rather than the
+    net of answers gained and lost), or the task agreement, then the mean output cosine."""
+    headers = ["model", "closeness to fp32"] + [label for _, label in VARIANTS] + ["closest"]
+    lines = []
+    for row in rows:
+        if row.get("error"):
+            continue
+        values = {}
+        for name, _ in VARIANTS:
+            cell = row["variants"].get(name, {})
+            agreement = (cell.get("quality") or {}).get("agreement") or {}
+            primary = (cell.get("quality") or {}).get("agreement_primary") or {}
+            if cell.get("status") == "ok" and primary:
+                values[name] = (primary.get("value"), primary.get("text"), agreement.get("cosine_mean"))
+        if not values:
+            continue
+        metric = next(iter((row["variants"].get(n, {}).get("quality") or {}).get("agreement_primary", {}).get("name", "?")
+                           for n in values))
+        line = [row["key"], f"{metric} · cosine"]
+        for name, _ in VARIANTS:
+            if name in values:
+                _, text, cosine = values[name]
+                line.append(f"{_md(text)} · {'n/a' if cosine is None else f'{cosine:.4f}'}")
+            else:
+                line.append("n/a")
+        best = max(values, key=lambda n: (values[n][0] if values[n][0] is not None else -math.inf,
+                                          values[n][2] if values[n][2] is not None else -math.inf))
+        line.append(_label(best))
+        lines.append(line)
+    return benchlib.markdown_table(headers, lines, align="ll" + "r" * len(VARIANTS) + "l") if lines else ""
+
+
 def cost_table(rows: List[Dict[str, Any]]) -> str:
     headers = ["model", "quality column", "eval / calib samples", "fp32 original → folded", "opset",
                "fp32 size"] + [label for _, label in VARIANTS]
@@ -671,6 +706,10 @@ def render(results: Dict[str, Any]) -> str:
         "",
         versus_table(rows, threads),
     ]
+    closeness = closeness_table(rows)
+    if closeness:
+        parts += ["", "Closeness to fp32 on the same evaluation samples (agreement · mean output cosine):", "",
+                  closeness]
     memory = memory_table(rows, samples) if samples else ""
     if memory:
         parts += ["", "Calibration cost (fresh process per cell; time and peak RSS of the quantization call):", "",
