@@ -7,7 +7,8 @@
 - BatchNormalization folded into the preceding Conv / ConvTranspose / Gemm (the BN scales
   are kept in ``model.annotations['batchnorm']`` for the BN-scale pruning criterion);
 - per-channel constant Add / Sub / Mul / Div after a Conv / ConvTranspose / Gemm folded into
-  its weights and bias; MatMul + bias Add on 2-D inputs turned into Gemm;
+  its weights and bias; MatMul + bias Add on 2-D inputs turned into Gemm; a ``[1, N]`` Gemm
+  bias written as ``[N]``;
 - dead nodes removed and the graph topologically sorted.
 
 Why our own code rather than onnxslim: structural passes key masks and reports on weight
@@ -95,6 +96,7 @@ class FoldPass(Pass):
         while fold_batchnorm(model, report) + fold_channel_affine(model, report):
             pass
         matmul_add_to_gemm(model, report)
+        flatten_gemm_bias(model, report)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         removed = nodes_before - len(graph.nodes)
         report.notes.append(f"{nodes_before} -> {len(graph.nodes)} nodes")
@@ -649,3 +651,20 @@ def matmul_add_to_gemm(model: Model, report: PassReport) -> None:
         add.outputs.clear()
         graph.nodes.append(gemm)
         report.count("matmul_add_to_gemm")
+
+
+def flatten_gemm_bias(model: Model, report: PassReport) -> None:
+    """A Gemm bias of shape ``[1, N]`` becomes ``[N]`` (the same broadcast against ``[M, N]``).
+
+    Exports write the 2-D form (MNIST's classifier; MatMul + Add turned Gemm above), and
+    onnxruntime's ``quantize_static`` cannot handle it: its int32-bias scale check compares an
+    array in an ``if`` and raises ("The truth value of an array ... is ambiguous").
+    """
+    for node in model.graph.nodes:
+        if node.op != "Gemm" or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if not isinstance(bias, gs.Constant) or bias.values.ndim != 2 or bias.values.shape[0] != 1:
+            continue
+        replace_constant_values(model.graph, node, 2, bias.values.reshape(-1))
+        report.count("gemm_bias_flattened")

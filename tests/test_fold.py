@@ -267,6 +267,25 @@ def test_matmul_plus_bias_becomes_gemm():
     assert max_relative_error(run_model(source, x), run_model(folded, x)) <= MAX_RELATIVE_ERROR
 
 
+def test_a_row_shaped_gemm_bias_becomes_one_dimensional():
+    """[1, N] -> [N]: same outputs, and the form onnxruntime's quantize_static accepts (MNIST)."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"]),
+             helper.make_node("Gemm", ["y", "w2", "b2"], ["z"], transB=1)]
+    inits = [const("w", rng.standard_normal((5, 3)).astype(np.float32)),
+             const("b", rng.standard_normal((1, 3)).astype(np.float32)),
+             const("w2", rng.standard_normal((4, 3)).astype(np.float32)),
+             const("b2", rng.standard_normal((1, 4)).astype(np.float32))]
+    source = make(nodes, [tensor("x", [2, 5])], [tensor("z", [2, 4])], inits)
+    folded, report, _ = fold(source)
+    assert [n.op_type for n in folded.graph.node] == ["Gemm", "Gemm"]
+    biases = {i.name: list(i.dims) for i in folded.graph.initializer if i.name in ("b", "b2")}
+    assert biases == {"b": [3], "b2": [4]}
+    assert report.changes["gemm_bias_flattened"] == 2
+    x = {"x": rng.standard_normal((2, 5)).astype(np.float32)}
+    assert max_relative_error(run_model(source, x), run_model(folded, x)) <= MAX_RELATIVE_ERROR
+
+
 def test_matmul_on_3d_inputs_stays():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
     inits = [const("w", np.ones((5, 3), np.float32)), const("b", np.ones((3,), np.float32))]
