@@ -519,15 +519,14 @@ def closeness_table(rows: List[Dict[str, Any]]) -> str:
             agreement = (cell.get("quality") or {}).get("agreement") or {}
             primary = (cell.get("quality") or {}).get("agreement_primary") or {}
             if cell.get("status") == "ok" and primary:
-                values[name] = (primary.get("value"), primary.get("text"), agreement.get("cosine_mean"))
+                values[name] = (primary.get("value"), primary.get("text"), agreement.get("cosine_mean"),
+                                primary.get("name", "?"))
         if not values:
             continue
-        metric = next(iter((row["variants"].get(n, {}).get("quality") or {}).get("agreement_primary", {}).get("name", "?")
-                           for n in values))
-        line = [row["key"], f"{metric} · cosine"]
+        line = [row["key"], f"{next(iter(values.values()))[3]} · cosine"]
         for name, _ in VARIANTS:
             if name in values:
-                _, text, cosine = values[name]
+                _, text, cosine, _ = values[name]
                 line.append(f"{_md(text)} · {'n/a' if cosine is None else f'{cosine:.4f}'}")
             else:
                 line.append("n/a")
