@@ -3,6 +3,8 @@ run on a shared model (skipped when the shared models folder is absent)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from onnxslim_cv.testing import zoo
@@ -99,6 +101,26 @@ def test_closeness_table_reads_each_variants_agreement_with_fp32(bench_quant):
     assert cells[7] == "ours"  # tied agreement with ORT uint8 Pct, higher cosine
     assert "Closeness to fp32" in bench_quant.render(results)
     assert bench_quant.closeness_table([{"key": "x", "error": "boom"}]) == ""
+
+
+def test_paired_top1_counts_the_images_each_model_alone_gets_right(bench_quant):
+    ours = {"quality": {"top1_hits": "1101100111"}}
+    other = {"quality": {"top1_hits": "1011101101"}}
+    paired = bench_quant.paired_top1(ours, other)
+    assert (paired["only_ours"], paired["only_other"]) == (2, 2)  # images 1, 8 against 2, 9
+    assert paired["sign_test_p"] == 1.0
+    lopsided = bench_quant.paired_top1({"quality": {"top1_hits": "1" * 12}}, {"quality": {"top1_hits": "0" * 12}})
+    assert lopsided["only_ours"] == 12 and lopsided["sign_test_p"] == pytest.approx(2 / 2**12)
+    assert bench_quant.paired_top1({"quality": {"top1_hits": "10"}}, {"quality": {"top1_hits": "1"}}) is None
+    assert bench_quant.paired_top1({"quality": {}}, other) is None
+
+    results = fake_results()
+    row = results["models"][0]
+    row["versus"]["paired"] = {"only_ours": 9, "only_other": 12, "sign_test_p": 0.664}
+    text = bench_quant.render(results)
+    assert re.search(r"\|\s*9 / 12 \(p 0\.66\)\s*\|", text)
+    checks = {c[0]: c[1:] for c in bench_quant.target_checks(row, ["1", "2"], ["64", "512"])}
+    assert checks["top-1 ≥ ORT best"] == ["+0.2 pt (9/12 images, p 0.66)", "yes"]
 
 
 def test_ort_best_prefers_quality_then_speed(bench_quant):

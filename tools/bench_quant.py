@@ -188,6 +188,8 @@ def measure_output(cell: Dict[str, Any], entry, fp32: Path, output: Path, *, cla
         cell["latency"][str(t)] = {"ratio": report.ratio, "ms": [x.median_ms for x in report.timings]}
     quality = evaluate(output, entry, reference=fp32, limit=eval_n)
     cell["quality"] = {k: quality[k] for k in ("samples", "metrics", "primary", "agreement", "agreement_primary")}
+    if quality.get("top1_hits"):
+        cell["quality"]["top1_hits"] = quality["top1_hits"]
     cell["quality_value"], cell["quality_text"], cell["metric"] = benchlib.quality_of(classifier, quality)
 
 
@@ -240,6 +242,21 @@ def ort_best(row: Dict[str, Any], threads: Sequence[int]) -> Tuple[Optional[str]
     return best, fastest
 
 
+def paired_top1(ours: Dict[str, Any], other: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Images only ours gets right, images only ``other`` gets right, and the two-sided sign
+    test of that split (exact binomial, p = 0.5): whether a top-1 difference between two
+    models scored on the same images is more than chance. None without per-image results."""
+    a = (ours.get("quality") or {}).get("top1_hits")
+    b = (other.get("quality") or {}).get("top1_hits")
+    if not a or not b or len(a) != len(b):
+        return None
+    only_ours = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
+    only_other = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
+    n, k = only_ours + only_other, min(only_ours, only_other)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
+    return {"only_ours": only_ours, "only_other": only_other, "sign_test_p": p}
+
+
 def versus(row: Dict[str, Any], entry, *, threads: Sequence[int], latency_seconds: float) -> Dict[str, Any]:
     """Ours against the best ORT variant: quality difference, interleaved head-to-head latency."""
     from onnxslim_cv.bench import benchmark
@@ -253,6 +270,9 @@ def versus(row: Dict[str, Any], entry, *, threads: Sequence[int], latency_second
     best_cell = row["variants"][best]
     if ours.get("quality_value") is not None:
         result["quality_delta"] = ours["quality_value"] - best_cell["quality_value"]
+    paired = paired_top1(ours, best_cell)
+    if paired is not None:
+        result["paired"] = paired
     result["head_to_head"] = {}
     try:
         for t in threads:
@@ -565,6 +585,7 @@ def _label(name: Optional[str]) -> str:
 
 def versus_table(rows: List[Dict[str, Any]], threads: Sequence[str]) -> str:
     headers = ["model", "ORT best (quality, ties: speed)", "ORT best quality", "ours quality", "ours − ORT best",
+               "right only in ours / only in ORT best (sign test p)",
                "ours / ORT best latency " + "/".join(f"{t}T" for t in threads), "fastest ORT",
                f"ours / fastest ORT ({threads[0]}T)"]
     lines = []
@@ -576,12 +597,14 @@ def versus_table(rows: List[Dict[str, Any]], threads: Sequence[str]) -> str:
         best_text = row["variants"][best]["quality_text"] if best else "n/a"
         ours_text = ours.get("quality_text", "n/a") if ours.get("status") == "ok" else "n/a"
         head = vs.get("head_to_head") or {}
+        paired = vs.get("paired")
         lines.append([
             row["key"], _label(best), _md(best_text), _md(ours_text), _delta_text(row, vs.get("quality_delta")),
+            f"{paired['only_ours']} / {paired['only_other']} (p {paired['sign_test_p']:.2f})" if paired else "n/a",
             "/".join(_x(head.get(t)) for t in threads) if head else _md(vs.get("error", "n/a")),
             _label(vs.get("ort_fastest")), _x(vs.get("vs_fastest")),
         ])
-    return benchlib.markdown_table(headers, lines, align="llrrrrlr")
+    return benchlib.markdown_table(headers, lines, align="llrrrrrlr")
 
 
 def _mem_ok(run: Optional[Dict[str, Any]]) -> bool:
@@ -648,7 +671,9 @@ def target_checks(row: Dict[str, Any], threads: Sequence[str], samples: Sequence
         add(f"top-1 drop ≤ {100 * TOP1_MAX_DROP:.1f} pt", "n/a" if drop is None else f"{100 * drop:.1f} pt",
             None if drop is None else drop <= TOP1_MAX_DROP + 1e-12)
         delta = vs.get("quality_delta")
-        add("top-1 ≥ ORT best", _delta_text(row, delta), None if delta is None else delta >= -1e-12)
+        paired = vs.get("paired")
+        split = f" ({paired['only_ours']}/{paired['only_other']} images, p {paired['sign_test_p']:.2f})" if paired else ""
+        add("top-1 ≥ ORT best", _delta_text(row, delta) + split, None if delta is None else delta >= -1e-12)
     if row["key"] in DETECTORS and "F1" in (row.get("metric") or ""):
         value = ours.get("quality_value") if ok else None
         add(f"detections F1 vs fp32 ≥ {F1_MIN}", "n/a" if value is None else f"{value:.3f}",

@@ -160,12 +160,14 @@ class _Runner:
 def _classification(entry, run: _Runner, limit) -> Dict[str, Any]:
     n = correct1 = correct5 = agree = 0
     cosines: List[float] = []
+    hits: List[str] = []
     classes = None
     for feed, label in entry.labelled(limit):
         outputs, ref = run(feed)
         scores = outputs[0].reshape(-1)
         classes = scores.size
         ranked = np.argsort(-scores, kind="stable")
+        hits.append("1" if ranked[0] == label else "0")
         correct1 += int(ranked[0] == label)
         correct5 += int(label in ranked[:5])
         n += 1
@@ -178,7 +180,8 @@ def _classification(entry, run: _Runner, limit) -> Dict[str, Any]:
         metrics["top5"] = correct5 / n
         summary += f", top-5 {benchlib.percent(metrics['top5'])}"
     result = {"samples": n, "metrics": metrics, "summary": summary,
-              "primary": {"name": "top-1", "value": metrics["top1"], "text": benchlib.percent(metrics["top1"])}}
+              "primary": {"name": "top-1", "value": metrics["top1"], "text": benchlib.percent(metrics["top1"])},
+              "top1_hits": "".join(hits)}  # per sample, in order: for paired comparisons of two models
     if run.reference is not None:
         result["agreement"] = {"top1_agreement": agree / n if n else None, "cosine_mean": float(np.mean(cosines))}
         result["agreement_primary"] = {
