@@ -71,6 +71,13 @@ def _relax_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
     return relaxed
 
 
+def feed_batch(feed: Dict[str, np.ndarray]) -> int:
+    """The batch size of a feed: its first input's leading dim (1 for a scalar, 0 for no input)."""
+    for value in feed.values():
+        return int(np.shape(value)[0]) if np.ndim(value) else 1
+    return 0
+
+
 def iterate(session, data, names: Sequence[str], *, batch_size: int = DEFAULT_BATCH,
             with_feeds: bool = False) -> Iterator:
     """``{name: activation}`` for every batch of ``data`` (a CalibrationData or iterable of feeds);

@@ -363,7 +363,7 @@ class _KeptOutputs:
     def add(self, feed: Dict[str, np.ndarray], values: Dict[str, np.ndarray]) -> None:
         if self.pairs is None or self.count >= self.limit:
             return
-        batch = next((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), 1)
+        batch = activations.feed_batch(feed)
         take = min(batch, self.limit - self.count)
         feed = {k: np.asarray(v)[:take] if take < batch else v for k, v in feed.items()}
         result = [np.asarray(values[name])[:take] if take < batch else values[name] for name in self.outputs]

@@ -171,12 +171,6 @@ def _batches(data, size: int) -> Iterator[Dict[str, np.ndarray]]:
     return data.batches(size) if hasattr(data, "batches") else iter(data)
 
 
-def _batch_of(feed: Dict[str, np.ndarray]) -> int:
-    for value in feed.values():
-        return int(np.shape(value)[0]) if np.ndim(value) else 1
-    return 0
-
-
 def _count(data) -> Optional[int]:
     return data.count() if hasattr(data, "count") else None
 
@@ -628,7 +622,7 @@ def analyze_layers(
 
             def reference_batches():
                 for feed in _batches(data, batch):
-                    if fixed and _batch_of(feed) != fixed:
+                    if fixed and activations.feed_batch(feed) != fixed:
                         continue  # a fixed-batch export cannot run the short last batch
                     values = dict(zip(names, runtime.run(reference, feed, names)))
                     values.update(_typed(reference, feed))
@@ -643,7 +637,7 @@ def analyze_layers(
 
             with ThreadPoolExecutor(workers) as pool:
                 for values in activations.prefetch(reference_batches()):
-                    n = _batch_of({name: values[name] for name in inputs})
+                    n = activations.feed_batch({name: values[name] for name in inputs})
                     seen += n
                     for _ in pool.map(measure, chunk, [values] * len(chunk), [n] * len(chunk)):
                         if step:
@@ -718,7 +712,7 @@ class ReferenceOutputs:
 
     def _compute(self):
         for feed in _batches(self.data, self.batch):
-            if self.fixed and _batch_of(feed) != self.fixed:
+            if self.fixed and activations.feed_batch(feed) != self.fixed:
                 continue
             yield feed, [np.asarray(v) for v in runtime.run(self.session, feed, self.outputs)]
 
@@ -729,7 +723,7 @@ class ReferenceOutputs:
         session = activations.tap_session(candidate, [], dynamic_batch=self.grow)
         losses = _Losses(self.outputs)
         for feed, ref in self.pairs():
-            losses.add(ref, runtime.run(session, feed, self.outputs), _batch_of(feed))
+            losses.add(ref, runtime.run(session, feed, self.outputs), activations.feed_batch(feed))
         return losses.result()
 
 

@@ -365,7 +365,7 @@ def _choose_method(float_model, plan: QuantPlan, stats, config, act_type: str, d
     sample = data.limited(METHOD_SAMPLES)
     kept = getattr(stats, "reference", None)
     if kept:  # the float outputs of these samples, kept by the calibration pass
-        grow = any(np.ndim(v) and np.shape(v)[0] > 1 for feed, _ in kept for v in feed.values())
+        grow = any(activations.feed_batch(feed) > 1 for feed, _ in kept)
         reference = ReferenceOutputs.from_pairs(kept, [t.name for t in float_model.graph.outputs], grow=grow)
     else:
         reference = ReferenceOutputs(float_model, sample)
