@@ -134,6 +134,9 @@ def prefetch(iterator: Iterator, depth: int = 1) -> Iterator:
 
 
 TAP_BUDGET_BYTES = 256 << 20
+REFERENCE_BUDGET_BYTES = 256 << 20
+"""Calibration inputs and the float model's outputs on them kept in memory for comparisons
+(sensitivity's ReferenceOutputs, quant's calibration-method choice); past it they are recomputed."""
 
 
 def batch_size_for(model: Model, names: Sequence[str], *, preferred: int = DEFAULT_BATCH,

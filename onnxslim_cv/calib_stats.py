@@ -353,7 +353,7 @@ def collect_stats(
 class _KeptOutputs:
     """The first ``limit`` samples' feeds and outputs, batch by batch, within a memory budget."""
 
-    BUDGET_BYTES = 256 << 20
+    BUDGET_BYTES = activations.REFERENCE_BUDGET_BYTES  # the same data ReferenceOutputs would cache
 
     def __init__(self, outputs: List[str], limit: int):
         self.outputs, self.limit = outputs, limit

@@ -55,7 +55,7 @@ STACK_BUDGET_BYTES = 2 << 30
 """Largest activation x levels x batch x parallel layers (about a quarter of the suffix runs' peak)."""
 MAX_WORKERS = 4
 """Layers measured at once (each session with cores / workers threads)."""
-CACHE_BUDGET_BYTES = 256 << 20
+CACHE_BUDGET_BYTES = activations.REFERENCE_BUDGET_BYTES
 """Inputs and reference outputs kept in memory between the group evaluations."""
 
 
