@@ -29,6 +29,12 @@ mask is chosen and the kept weights refit against ``W*`` in the metric ``G``:
 2. the kept weights: the exact masked least-squares solution of every row, ``w_S =
    H_SS^-1 (H w*)_S``, solved batched when it fits in memory, else the sweep's weights.
 
+A 2-D conv read only through a Relu (``relu_steps``, sequential mode) is then refit again, once
+per step, to a target that only asks for what survives the Relu: where the original
+pre-activation is negative, the current one need only stay at or below zero
+(:func:`_relu_majorizer_target`, a majorize-minimize step on the error after the Relu). Each
+step is one more pass over the calibration data for that stage.
+
 Memory: two ``D x D``-sized matrices per layer (``D`` = input channels x kernel area),
 whatever the number of samples.
 """
@@ -84,10 +90,12 @@ class LayerFit:
     error_magnitude: float = float("nan")  # relative output error, plain magnitude mask, no refit
     error: float = float("nan")  # relative output error after the refit
     skipped: Optional[str] = None
+    relu_refits: int = 0  # refits to the output after the layer's Relu (``error`` then measures that bound)
     result_mask: Optional[np.ndarray] = field(default=None, repr=False)
     _pending: list = field(default_factory=list, repr=False)
     _pending_drift: list = field(default_factory=list, repr=False)
     _pending_rows: int = 0
+    relu_point: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
     _traces: dict = field(default_factory=dict, repr=False)  # ExactOBS traces by (group, ridge, weights)
 
 
@@ -181,6 +189,8 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
         target = original @ matrix[row_index].T
         if fit._pending_drift:
             target = target + np.concatenate(fit._pending_drift)[:, row_index]
+        if fit.relu_point is not None:
+            target = _relu_majorizer_target(fit.relu_point, row_index, target, design, bias)
         if fit.gram is None:
             fit.gram = np.zeros((len(groups), design.shape[1], design.shape[1]))
             fit.cross = np.zeros((len(groups), design.shape[1], target.shape[1]))
@@ -191,6 +201,23 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
     fit._pending = []
     fit._pending_drift = []
     fit._pending_rows = 0
+
+
+def _relu_majorizer_target(point, row_index, target, design, bias_column: bool) -> np.ndarray:
+    """The fit's target for a layer read only through a ReLU, from the current weights.
+
+    ``z`` is the original pre-activation, ``u`` the current one (the last solve's weights on the
+    current inputs). The target is ``t = z`` where ``z >= 0`` and ``t = min(u, 0)`` where
+    ``z < 0``: then ``(relu(u') - relu(z))^2 <= (u' - t)^2`` for every ``u'``, with equality at
+    ``u' = u`` except where ``z >= 0 > u`` (there the bound is kept loose so that the fit still
+    pulls those values up). Refitting to ``t`` is a majorize-minimize step on the error after the
+    ReLU: the kept weights stop spending effort on matching negative values the ReLU zeroes.
+    """
+    original_bias, current, current_bias = point
+    b = original_bias[row_index]
+    columns = design[:, :-1] if bias_column else design
+    u = columns @ current[row_index].T + current_bias[row_index]
+    return np.where(target + b >= 0, target, np.minimum(u, 0.0) - b)
 
 
 def _dampened(gram: np.ndarray, damp: float) -> np.ndarray:
@@ -500,6 +527,7 @@ def reconstruct_layers(
     damp: float = DAMP,
     sequential: bool = True,
     residual: bool = True,
+    relu_steps: int = 0,
     finish: Union[bool, Callable[[LayerFit, Model, gs.Node], None]] = True,
     progress=None,
 ) -> List[LayerFit]:
@@ -522,6 +550,7 @@ def reconstruct_layers(
     stages = _stages(sparse, names) if sequential else [names]
     inputs_of = {name: orig_nodes[name].inputs[0].name for name in names}
     partner_of = _residual_partners(original, fits, names) if sequential and residual else {}
+    relu_fed = _relu_fed(original, fits) if relu_steps else set()
     all_inputs = sorted(set(inputs_of.values()) | set(partner_of.values()))
     dynamic = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), all_inputs))
     reference_session = activations.tap_session(original, all_inputs, dynamic_batch=dynamic)
@@ -529,20 +558,22 @@ def reconstruct_layers(
         tensors = sorted({inputs_of[n] for n in stage} | {partner_of[n] for n in stage if n in partner_of})
         size = activations.session_batch_size(reference_session, min(batch_size, activations.batch_size_for(original, tensors, preferred=batch_size)))
         current_session = activations.tap_session(sparse, tensors, dynamic_batch=dynamic) if sequential else None
-        batches = data.batches(size) if hasattr(data, "batches") else iter(data)
 
-        def taps(batches=batches, tensors=tensors, current_session=current_session):
-            for feed in batches:
+        def taps(size=size, tensors=tensors, current_session=current_session):
+            for feed in (data.batches(size) if hasattr(data, "batches") else iter(data)):
                 reference = dict(zip(tensors, runtime.run(reference_session, feed, tensors)))
                 current = dict(zip(tensors, runtime.run(current_session, feed, tensors))) if current_session else reference
                 yield reference, current
 
-        for index, (reference, current) in enumerate(activations.prefetch(taps())):
-            for name in stage:
-                partner = partner_of.get(name)
-                drift = reference[partner] - current[partner] if partner else None
-                accumulate(by_name[name], orig_nodes[name], reference[inputs_of[name]], current[inputs_of[name]],
-                           seed * 100003 + index, positions_per_sample, drift)
+        def gather(names, taps=taps):
+            for index, (reference, current) in enumerate(activations.prefetch(taps())):
+                for name in names:
+                    partner = partner_of.get(name)
+                    drift = reference[partner] - current[partner] if partner else None
+                    accumulate(by_name[name], orig_nodes[name], reference[inputs_of[name]], current[inputs_of[name]],
+                               seed * 100003 + index, positions_per_sample, drift)
+
+        gather(stage)
         for name in stage:
             if callable(finish):
                 flush(by_name[name], orig_nodes[name])
@@ -551,9 +582,58 @@ def reconstruct_layers(
                 _finish(by_name[name], sparse, damp, orig_nodes[name])
             else:
                 flush(by_name[name], orig_nodes[name])
-            if progress is not None:
-                progress.update(1)
+        again = [name for name in stage if name in relu_fed] if finish is True and sequential else []
+        for _ in range(relu_steps if again else 0):  # majorize-minimize the error after the ReLU
+            for name in again:
+                _start_relu_step(by_name[name], sparse, orig_nodes[name])
+            gather(again)
+            for name in again:
+                _finish_relu_step(by_name[name], sparse, damp, orig_nodes[name])
+        if progress is not None:
+            progress.update(len(stage))
     return list(fits)
+
+
+def _relu_fed(model: Model, fits: Sequence[LayerFit]) -> set:
+    """Refit 2-D convs whose output is read by a single Relu and nothing else."""
+    wanted = {f.layer.node for f in fits if f.layer.op == "Conv" and len(f.layer.shape) == 4}
+    result = set()
+    for node in model.graph.nodes:
+        if node.name not in wanted:
+            continue
+        out = node.outputs[0]
+        if out in model.graph.outputs or len(out.outputs) != 1 or out.outputs[0].op != "Relu":
+            continue
+        result.add(node.name)
+    return result
+
+
+def _layer_bias(node: gs.Node, rows: int) -> np.ndarray:
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        return np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
+    return np.zeros(rows)
+
+
+def _start_relu_step(fit: LayerFit, sparse: Model, original_node: gs.Node) -> None:
+    node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
+    current = as_matrix(fit.layer, np.asarray(node.inputs[1].values, dtype=np.float64))
+    fit.relu_point = (_layer_bias(original_node, current.shape[0]), current, _layer_bias(node, current.shape[0]))
+    fit.gram = fit.cross = fit.energy = None
+    fit.rows = 0
+    fit._traces = {}
+
+
+def _finish_relu_step(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -> None:
+    flush(fit, original_node)
+    fit.relu_point = None
+    fit.relu_refits += 1
+    node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
+    weight = np.asarray(original_node.inputs[1].values)
+    bias = None
+    if len(original_node.inputs) > 2 and isinstance(original_node.inputs[2], gs.Constant):
+        bias = np.asarray(original_node.inputs[2].values)
+    new_weight, new_bias = solve(fit, weight, bias, damp=damp)
+    write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 
 def _residual_partners(model: Model, fits: Sequence[LayerFit], names: Sequence[str]) -> Dict[str, str]:

@@ -29,6 +29,14 @@ def positive_int(value) -> int:
     return number
 
 
+def non_negative_int(value) -> int:
+    """PassOption parser: an integer >= 0."""
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
 def regex(value) -> str:
     """PassOption parser: a valid regular expression (checked now, not mid-pass)."""
     import re

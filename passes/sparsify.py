@@ -13,7 +13,8 @@ Individual weights of Conv / ConvTranspose / Gemm / MatMul layers are zeroed:
 With calibration data each layer is then reconstructed from its Hessian (:mod:`onnxslim_cv.obs`,
 SparseGPT / OBS): the mask is chosen by saliency ``w^2/[H^-1]_jj`` and the kept weights and the
 bias refit to the original layer's output, layer after layer so later layers also absorb
-earlier errors. Without data: plain magnitude pruning (Han et al., "Learning both Weights and
+earlier errors; a conv read only through a Relu is refit once more per ``--sparsify-relu-steps``
+to the output after the Relu. Without data: plain magnitude pruning (Han et al., "Learning both Weights and
 Connections for Efficient Neural Networks", NeurIPS 2015).
 
 Dense runtimes (onnxruntime's CPU kernels included) do **not** run unstructured zeros faster;
@@ -35,7 +36,7 @@ from onnxslim_cv import obs
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.graph_utils import name_nodes, replace_constant_values, strip_output_softmax
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, non_negative_int, positive_int, read_json_object, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.sparsity import (
     SparseLayer,
@@ -100,6 +101,14 @@ class SparsifyPass(Pass):
             "with obs recovery, how a sparsity target's mask is chosen: exactobs (one weight at a time per row with the inverse Hessian updated, rows sharing the zeros by cost; layers beyond a compute budget fall back to sparsegpt), sparsegpt (column blocks, faster); N:M always uses sparsegpt",
             str,
             choices=("exactobs", "sparsegpt"),
+        ),
+        PassOption(
+            "relu_steps",
+            1,
+            "with obs recovery: extra refits of each conv read only through a Relu, fitting the output after the Relu "
+            "(values the Relu zeroes need not be matched); each step is one more pass over the calibration data; 0 = off",
+            non_negative_int,
+            metavar="N",
         ),
         PassOption("samples", 128, "calibration samples for reconstruction (and 64 of them for sensitivity)", positive_int, metavar="N"),
         PassOption("max_layer_sparsity", MAX_LAYER_SPARSITY, "global / sensitivity modes: most any one layer may lose", check_sparsity, metavar="S"),
@@ -218,7 +227,8 @@ class SparsifyPass(Pass):
             refit = [fit for fit in fits if not fit.skipped]
             original = model.copy()
             with _bar(context, len(refit), "sparsify: reconstruct", "layer") as bar:
-                obs.reconstruct_layers(original, model, refit, data, seed=context.seed, progress=bar)
+                obs.reconstruct_layers(original, model, refit, data, seed=context.seed, relu_steps=config["relu_steps"],
+                                       progress=bar)
             for fit in fits:
                 if fit.skipped:  # not refittable, or no rows: magnitude only
                     self._magnitude(model, fit)
@@ -333,6 +343,7 @@ class SparsifyPass(Pass):
                 "sparsity": round(layer_zeros / max(1, fit.layer.params), 4),
                 "error_magnitude": None if np.isnan(fit.error_magnitude) else round(fit.error_magnitude, 6),
                 "error": None if np.isnan(fit.error) else round(fit.error, 6),
+                "relu_refits": fit.relu_refits,
                 "note": fit.skipped,
             })
         all_weights = sum(int(np.asarray(t.values).size) for t in model.constants() if np.asarray(t.values).dtype.kind == "f" and np.asarray(t.values).ndim >= 2)
@@ -347,6 +358,10 @@ class SparsifyPass(Pass):
             f"{len(fits)} layers at {pattern} ({zeros:,} of {total:,} weights), {len(skipped)} left dense; "
             f"recovery: {'OBS refit on calibration data, masks by ' + ('sparsegpt' if nm else self.config['mask_search']) if recovery == 'obs' else 'none (magnitude only)'}"
         )
+        relu = [f for f in fits if f.relu_refits]
+        if relu:
+            report.notes.append(f"{len(relu)} layers read only through a Relu refit {relu[0].relu_refits} more time(s) "
+                                "to the output after the Relu (their error below is that one)")
         refit = [f for f in fits if not np.isnan(f.error)]
         if refit:
             before = float(np.mean([f.error_magnitude for f in refit]))

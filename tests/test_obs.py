@@ -246,3 +246,55 @@ def test_residual_target_restores_the_block_sums_better_than_layer_targets():
         feeds = [sample_inputs(proto, seed=100 + k) for k in range(16)]  # held-out inputs
         errors[residual] = relative_output_error(proto, sparse.to_proto(), feeds)
     assert errors[True] < 0.9 * errors[False], errors  # measured: 0.76x
+
+
+def test_relu_target_majorizes_the_error_after_the_relu():
+    from onnxslim_cv.obs import _relu_majorizer_target
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 6))
+    design = np.concatenate([x, np.ones((500, 1))], axis=1)
+    original_w, original_b = rng.standard_normal((4, 6)), rng.standard_normal(4)
+    current_w, current_b = original_w + 0.3 * rng.standard_normal((4, 6)), original_b + 0.1
+    rows = np.arange(4)
+    target = x @ original_w.T  # what the fit matches: the original output without its bias
+    pre = target + original_b
+    assert (pre < 0).mean() > 0.3  # plenty of values the ReLU zeroes
+    fit_target = _relu_majorizer_target((original_b, current_w, current_b), rows, target, design, True)
+    t = fit_target + original_b  # in pre-activation units
+    u = x @ current_w.T + current_b
+    tight = ~((pre >= 0) & (u < 0))  # kept loose there, so that the fit still pulls those up
+    assert tight.mean() > 0.5
+    assert np.allclose(np.square(np.maximum(u, 0) - np.maximum(pre, 0))[tight], np.square(u - t)[tight])
+    for _ in range(5):
+        other = u + rng.standard_normal(u.shape) * 2
+        assert np.all(np.square(np.maximum(other, 0) - np.maximum(pre, 0)) <= np.square(other - t) + 1e-12)
+    assert np.array_equal(t[pre >= 0], pre[pre >= 0])  # the positive part is matched as before
+
+
+def test_relu_steps_lower_the_error_after_the_relu_on_held_out_inputs():
+    from onnxslim_cv.ir import Model
+    from onnxslim_cv.obs import _relu_fed, reconstruct_layers
+    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+    from onnxslim_cv.sparsity import sparsifiable_layers
+    from onnxslim_cv.testing import models as test_models
+    from onnxslim_cv.testing.models import sample_inputs
+
+    from .conftest import relative_output_error, sample_data
+
+    original, _ = run_passes(Model.from_proto(test_models.build("squeezenet_fire")), make_passes(["fold"], {}),
+                             context=PassContext(progress=False))
+    proto = original.to_proto()
+    layers, _ = sparsifiable_layers(original, include_first=True, include_last=True)
+    assert len(_relu_fed(original, [LayerFit(layer) for layer in layers])) == len(layers)  # every conv -> Relu
+    calib = sample_data(proto, 48, seed=10)
+    feeds = [sample_inputs(proto, seed=1000 + k) for k in range(16)]  # held-out inputs
+    errors = {}
+    for steps in (0, 1):
+        sparse = original.copy()
+        fits = [LayerFit(layer, sparsity=0.5) for layer in sparsifiable_layers(sparse, include_first=True, include_last=True)[0]]
+        reconstruct_layers(original, sparse, fits, calib, seed=0, relu_steps=steps)
+        for fit in fits:
+            assert (np.asarray(fit.result_mask) == 0).mean() == pytest.approx(0.5, abs=0.02)
+        errors[steps] = relative_output_error(proto, sparse.to_proto(), feeds)
+    assert errors[1] < 0.9 * errors[0], errors

@@ -54,12 +54,23 @@ def test_exactobs_masks_fit_a_layer_better_than_the_sparsegpt_sweep(name):
     calib = sample_data(proto, 48, seed=10)
     errors = {}
     for search in ("exactobs", "sparsegpt"):
-        out, report = _sparsify(proto, calib, sparsity=0.5, mode="uniform", mask_search=search)
+        # relu_steps=0: the plain output error, the same target in both runs
+        out, report = _sparsify(proto, calib, sparsity=0.5, mode="uniform", mask_search=search, relu_steps=0)
         onnx.checker.check_model(out.to_proto())
         for weight in _weights(out, report).values():
             assert (weight == 0).mean() == pytest.approx(0.5, abs=0.02)
         errors[search] = report.details["layers"][0]["error"]  # the first layer sees the same inputs in both runs
     assert errors["exactobs"] < 0.97 * errors["sparsegpt"], errors
+
+
+def test_relu_steps_are_reported_and_zero_turns_them_off():
+    proto = test_models.build("squeezenet_fire")
+    calib = sample_data(proto, 24, seed=2)
+    for steps in (0, 2):
+        out, report = _sparsify(proto, calib, sparsity=0.5, mode="uniform", relu_steps=steps)
+        refits = [row["relu_refits"] for row in report.details["layers"]]
+        assert refits and all(r == steps for r in refits)  # every conv of a fire module feeds a Relu
+        assert any("refit 2 more time(s)" in note for note in report.notes) == (steps == 2)
 
 
 def test_sparsity_zero_without_data_keeps_outputs():
@@ -199,6 +210,7 @@ def test_cli_runs_sparsify_with_calibration_and_verifies(tmp_path, cli, model_fi
     (["--sparsity", "0.5", "--nm", "2:4"], "alternatives"),
     ([], "give --sparsity"),
     (["--sparsity-mode", "global"], "needs --sparsity"),
+    (["--sparsity", "0.5", "--sparsify-relu-steps", "-1"], "must be >= 0"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, cli, model_file, args, fragment):
     source = model_file("resnet_basic_block")
