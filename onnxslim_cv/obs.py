@@ -95,7 +95,7 @@ class LayerFit:
     _pending: list = field(default_factory=list, repr=False)
     _pending_drift: list = field(default_factory=list, repr=False)
     _pending_rows: int = 0
-    relu_point: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
+    _relu_point: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
     _traces: dict = field(default_factory=dict, repr=False)  # ExactOBS traces by (group, ridge, weights)
 
 
@@ -189,8 +189,8 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
         target = original @ matrix[row_index].T
         if fit._pending_drift:
             target = target + np.concatenate(fit._pending_drift)[:, row_index]
-        if fit.relu_point is not None:
-            target = _relu_majorizer_target(fit.relu_point, row_index, target, design, bias)
+        if fit._relu_point is not None:
+            target = _relu_majorizer_target(fit._relu_point, row_index, target, design, bias)
         if fit.gram is None:
             fit.gram = np.zeros((len(groups), design.shape[1], design.shape[1]))
             fit.cross = np.zeros((len(groups), design.shape[1], target.shape[1]))
@@ -535,7 +535,9 @@ def reconstruct_layers(
 
     ``sequential``: each stage's inputs come from the model sparsified so far (one pass over
     the data per stage); otherwise every layer's statistics come from one pass of the original
-    model (faster, no error correction across layers). ``residual`` (sequential only): a conv
+    model (faster, no error correction across layers). ``relu_steps`` (sequential, ``finish=True``): refits of each 2-D conv read
+    only through a Relu to the error after it (:func:`_relu_majorizer_target`), one more pass
+    over the stage's data each. ``residual`` (sequential only): a conv
     whose output is added to a shortcut is fit to the original *sum*, i.e. its target also
     carries the shortcut's drift (original minus current value), which plain layer-wise targets
     leave to accumulate along a residual spine. ``finish``: True solves and writes each
@@ -582,7 +584,7 @@ def reconstruct_layers(
                 _finish(by_name[name], sparse, damp, orig_nodes[name])
             else:
                 flush(by_name[name], orig_nodes[name])
-        again = [name for name in stage if name in relu_fed] if finish is True and sequential else []
+        again = [n for n in stage if n in relu_fed and not by_name[n].skipped] if finish is True and sequential else []
         for _ in range(relu_steps if again else 0):  # majorize-minimize the error after the ReLU
             for name in again:
                 _start_relu_step(by_name[name], sparse, orig_nodes[name])
@@ -608,16 +610,21 @@ def _relu_fed(model: Model, fits: Sequence[LayerFit]) -> set:
     return result
 
 
-def _layer_bias(node: gs.Node, rows: int) -> np.ndarray:
+def _constant_bias(node: gs.Node) -> Optional[np.ndarray]:
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        return np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
-    return np.zeros(rows)
+        return np.asarray(node.inputs[2].values)
+    return None
+
+
+def _layer_bias(node: gs.Node, rows: int) -> np.ndarray:
+    bias = _constant_bias(node)
+    return np.zeros(rows) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
 
 
 def _start_relu_step(fit: LayerFit, sparse: Model, original_node: gs.Node) -> None:
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
     current = as_matrix(fit.layer, np.asarray(node.inputs[1].values, dtype=np.float64))
-    fit.relu_point = (_layer_bias(original_node, current.shape[0]), current, _layer_bias(node, current.shape[0]))
+    fit._relu_point = (_layer_bias(original_node, current.shape[0]), current, _layer_bias(node, current.shape[0]))
     fit.gram = fit.cross = fit.energy = None
     fit.rows = 0
     fit._traces = {}
@@ -625,14 +632,13 @@ def _start_relu_step(fit: LayerFit, sparse: Model, original_node: gs.Node) -> No
 
 def _finish_relu_step(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -> None:
     flush(fit, original_node)
-    fit.relu_point = None
+    fit._relu_point = None
+    if fit.gram is None:  # cannot happen after a first solve on the same data; keep the first weights
+        return
     fit.relu_refits += 1
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
-    weight = np.asarray(original_node.inputs[1].values)
-    bias = None
-    if len(original_node.inputs) > 2 and isinstance(original_node.inputs[2], gs.Constant):
-        bias = np.asarray(original_node.inputs[2].values)
-    new_weight, new_bias = solve(fit, weight, bias, damp=damp)
+    # solved again from the original weights: only the target changed
+    new_weight, new_bias = solve(fit, np.asarray(original_node.inputs[1].values), _constant_bias(original_node), damp=damp)
     write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 
@@ -687,11 +693,7 @@ def _finish(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -
     if fit.gram is None:
         fit.skipped = "no calibration rows"
         return
-    weight = np.asarray(node.inputs[1].values)
-    bias = None
-    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        bias = np.asarray(node.inputs[2].values)
-    new_weight, new_bias = solve(fit, weight, bias, damp=damp)
+    new_weight, new_bias = solve(fit, np.asarray(node.inputs[1].values), _constant_bias(node), damp=damp)
     write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 
