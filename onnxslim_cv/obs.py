@@ -195,7 +195,8 @@ def flush(fit: LayerFit, node: gs.Node) -> None:
             fit.gram = np.zeros((len(groups), design.shape[1], design.shape[1]))
             fit.cross = np.zeros((len(groups), design.shape[1], target.shape[1]))
             fit.energy = np.zeros(len(groups))
-        fit.gram[g] += design.T @ design
+        if fit._relu_point is None:  # a Relu step sees the same rows again: its Hessian is kept
+            fit.gram[g] += design.T @ design
         fit.cross[g] += design.T @ target
         fit.energy[g] += float(np.square(target, dtype=np.float64).sum())
     fit._pending = []
@@ -625,7 +626,8 @@ def _start_relu_step(fit: LayerFit, sparse: Model, original_node: gs.Node) -> No
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
     current = as_matrix(fit.layer, np.asarray(node.inputs[1].values, dtype=np.float64))
     fit._relu_point = (_layer_bias(original_node, current.shape[0]), current, _layer_bias(node, current.shape[0]))
-    fit.gram = fit.cross = fit.energy = None
+    fit.cross = np.zeros_like(fit.cross)  # the target changes; the rows, hence the Hessian, do not
+    fit.energy = np.zeros_like(fit.energy)
     fit.rows = 0
     fit._traces = {}
 
@@ -633,8 +635,6 @@ def _start_relu_step(fit: LayerFit, sparse: Model, original_node: gs.Node) -> No
 def _finish_relu_step(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -> None:
     flush(fit, original_node)
     fit._relu_point = None
-    if fit.gram is None:  # cannot happen after a first solve on the same data; keep the first weights
-        return
     fit.relu_refits += 1
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
     # solved again from the original weights: only the target changed
