@@ -50,7 +50,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import activations, runtime
-from .graph_utils import new_constant, replace_constant_values
+from .graph_utils import new_constant, replace_constant_values, sole_consumer
 from .ir import Model
 from .reconstruct import _add_bias_after, _set_bias, _stages, conv_patches, output_positions, stage_levels
 from .sparsity import SparseLayer, as_matrix, from_matrix, group_rows, nm_mask_matrix
@@ -602,12 +602,10 @@ def _relu_fed(model: Model, fits: Sequence[LayerFit]) -> set:
     wanted = {f.layer.node for f in fits if f.layer.op == "Conv" and len(f.layer.shape) == 4}
     result = set()
     for node in model.graph.nodes:
-        if node.name not in wanted:
-            continue
-        out = node.outputs[0]
-        if out in model.graph.outputs or len(out.outputs) != 1 or out.outputs[0].op != "Relu":
-            continue
-        result.add(node.name)
+        if node.name in wanted:
+            reader = sole_consumer(model.graph, node.outputs[0])
+            if reader is not None and reader.op == "Relu":
+                result.add(node.name)
     return result
 
 
