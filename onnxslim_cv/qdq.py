@@ -405,6 +405,19 @@ class QuantParams:
         return np.uint8 if self.dtype == "uint8" else np.int8
 
 
+WEIGHT_BITS = (8, 7)
+WEIGHTED_OPS = ("Conv", "Gemm", "ConvTranspose", "MatMul")
+
+
+def is_depthwise_conv(node: gs.Node) -> bool:
+    """One input and one output channel per group: onnxruntime runs these on a kernel of their own."""
+    if node.op != "Conv":
+        return False
+    groups = int(node.attrs.get("group", 1))
+    shape = getattr(node.inputs[1], "shape", None)
+    return groups > 1 and shape is not None and shape[1] == 1 and shape[0] == groups
+
+
 def params_from_range(lo: float, hi: float, act_type: str) -> QuantParams:
     """Asymmetric uint8 (zero point anywhere) or symmetric int8 (zero point 0) for [lo, hi].
 
@@ -423,20 +436,26 @@ def params_from_range(lo: float, hi: float, act_type: str) -> QuantParams:
     return QuantParams(np.float32(bound / 127.0).item(), 0, "int8", lo, hi)
 
 
-def quantize_weight(weight: np.ndarray, axis: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per channel along ``axis`` (per tensor when None): (int8 values, scales)."""
+def quantize_weight(weight: np.ndarray, axis: Optional[int], bits: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along ``axis`` (per tensor when None): (int8 values, scales).
+
+    ``bits=7`` keeps the values in [-63, 63]: on CPUs whose uint8 x int8 kernels add pairs of
+    products into a saturating int16 (``runtime.int8_products_saturate``), 255 * 63 * 2 still fits."""
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits}")
+    qmax = float(2 ** (bits - 1) - 1)
     weight = np.asarray(weight, dtype=np.float32)
     if axis is None:
         bound = np.float32(max(float(np.abs(weight).max()), 1e-12))
-        scale = np.asarray(bound / 127.0, dtype=np.float32)
-        q = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+        scale = np.asarray(bound / qmax, dtype=np.float32)
+        q = np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8)
         return q, scale
     moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
     bound = np.maximum(np.abs(moved).max(axis=1), 1e-12).astype(np.float32)
-    scale = (bound / 127.0).astype(np.float32)
+    scale = (bound / qmax).astype(np.float32)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -477,13 +496,16 @@ def emit_qdq(
     params: Dict[str, QuantParams],
     *,
     per_channel: bool = True,
+    weight_bits: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Dict[str, object]]:
     """Rewrite ``model`` in place into QDQ form; returns per-weight quantization facts.
 
     ``model.annotations["dequantized"]`` maps each quantized float tensor to the tensor that now
     carries its dequantized value (what the rest of the graph reads).
 
-    ``params`` holds one entry per quantized activation tensor (tied tensors share values).
+    ``params`` holds one entry per quantized activation tensor (tied tensors share values);
+    ``weight_bits`` maps node names to 7 where the CPU's int8 kernels saturate (see
+    ``quantize_weight``); nodes not in it get 8.
     """
     graph = model.graph
     names = _Names(graph)
@@ -551,7 +573,8 @@ def emit_qdq(
         if node.op in ("Conv", "Gemm", "ConvTranspose") or (node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant)):
             weight = node.inputs[1]
             axis = weight_axis(node, per_channel)
-            q, wscale = quantize_weight(weight.values, axis)
+            bits = (weight_bits or {}).get(node.name, 8)
+            q, wscale = quantize_weight(weight.values, axis, bits)
             wq = gs.Constant(names(f"{weight.name}_quantized"), q)
             ws = gs.Constant(names(f"{weight.name}_scale"), wscale)
             wz = gs.Constant(names(f"{weight.name}_zero_point"), np.zeros(wscale.shape, np.int8))
@@ -560,7 +583,7 @@ def emit_qdq(
             graph.nodes.append(gs.Node("DequantizeLinear", names(f"{weight.name}_DequantizeLinear"), attrs=attrs, inputs=[wq, ws, wz], outputs=[wd]))
             node.inputs[1] = wd
             facts = {"node": node.name, "op": node.op, "weight": weight.name, "per_channel": axis is not None,
-                     "weight_scale_min": float(np.min(wscale)), "weight_scale_max": float(np.max(wscale))}
+                     "weight_bits": bits, "weight_scale_min": float(np.min(wscale)), "weight_scale_max": float(np.max(wscale))}
             bias_index = 2
             if len(node.inputs) > bias_index and node.inputs[bias_index] is not None and node.inputs[bias_index].name:
                 bias = node.inputs[bias_index]

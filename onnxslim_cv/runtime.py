@@ -164,3 +164,64 @@ def run(session: ort.InferenceSession, feed: Dict[str, np.ndarray], outputs: Opt
             value = feed[meta.name]
             typed[meta.name] = np.ascontiguousarray(value, dtype=dtype) if dtype is not None else value
     return session.run(list(outputs) if outputs else None, typed)
+
+
+def _saturation_probe(act_type: str, weight_value: int, depthwise: bool = False) -> onnx.ModelProto:
+    """A QDQ conv, as we emit it, whose quantized inputs sit at the top of ``act_type`` (255 or
+    127) against int8 weights at ``weight_value``: a 1x1 conv over 64 channels, or a 8x8
+    depthwise conv on an 8x8 input; either way the exact output is 64 * weight_value / 127."""
+    channels = 64
+    outputs, kernel, size = (channels, 8, 8) if depthwise else (16, 1, 4)
+    fan_in = kernel * kernel if depthwise else channels
+    act = TensorProto.UINT8 if act_type == "uint8" else TensorProto.INT8
+    top = 255.0 if act_type == "uint8" else 127.0
+    initializers = [
+        helper.make_tensor("xs", TensorProto.FLOAT, [], [1.0 / top]),
+        helper.make_tensor("xz", act, [], [0]),
+        helper.make_tensor("wq", TensorProto.INT8, [outputs, channels // outputs if depthwise else channels, kernel, kernel],
+                           [weight_value] * (outputs * fan_in)),
+        helper.make_tensor("ws", TensorProto.FLOAT, [outputs], [1.0 / 127.0] * outputs),
+        helper.make_tensor("wz", TensorProto.INT8, [outputs], [0] * outputs),
+        helper.make_tensor("ys", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("yz", act, [], [0]),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], group=channels if depthwise else 1),
+        helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "saturation_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, outputs, size - kernel + 1, size - kernel + 1])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(max_ir_version(), 8)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def int8_products_saturate(act_type: str = "uint8", depthwise: bool = False) -> bool:
+    """Whether onnxruntime's int8 conv kernel for ``act_type`` activations overflows on this CPU.
+
+    x86 CPUs without VNNI (AVX2, AVX-512F) multiply 8-bit values with ``vpmaddubsw``, which adds
+    each pair of products into a saturating int16: 255 * 127 * 2 = 64770 clips at 32767
+    (onnxruntime's quantization docs, "reduce_range"). Real activations and weights reach it and
+    the outputs drift (SqueezeNet's cosine to fp32 falls to 0.86); on this AVX2 runtime int8
+    activations fare worse still. We ask the installed runtime with a conv that hits exactly
+    that case rather than reading CPU flags, so ARM, VNNI and future kernels answer for themselves.
+    Depthwise convs have their own kernel (it widens to int16 first and does not saturate on AVX2),
+    so they are asked separately.
+    """
+    probe = _saturation_probe(act_type, 127, depthwise)
+    shape = [d.dim_value for d in probe.graph.input[0].type.tensor_type.shape.dim]
+    x = np.ones(shape, dtype=np.float32)  # quantizes to the top of the type
+    try:
+        out = make_session(probe, quiet=True).run(None, {"x": x})[0]
+    except Exception:
+        return False  # no int8 conv kernel here, so nothing to saturate
+    return bool(np.abs(out - 64.0).max() > 1.0)

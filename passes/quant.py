@@ -12,6 +12,8 @@ The pipeline inside the pass, in order:
    not grow with the number of samples; ``--calib-method auto`` (the default) then keeps the
    method whose int8 model is closest to fp32 on the calibration samples;
 5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
+   weights keep 7 bits where this machine's onnxruntime kernels saturate 8-bit products
+   (``runtime.int8_products_saturate``: x86 without VNNI), else 8;
 6. bias correction: the mean shift int8 weights add to each layer's output, (W_q - W) E[x]
    with E[x] from the calibration pass, is subtracted from its bias (Nagel et al. 2019, sec. 4.2);
 7. accuracy-aware fallback (``--max-drop``): the layers that add the most quantization noise
@@ -29,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim_cv import activations
+from onnxslim_cv import activations, runtime
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.graph_utils import name_nodes
 from onnxslim_cv.ir import Model
@@ -39,8 +41,10 @@ from onnxslim_cv.qdq import (
     COMPUTE_OPS,
     QuantParams,
     QuantPlan,
+    WEIGHTED_OPS,
     emit_qdq,
     fusion_report,
+    is_depthwise_conv,
     is_quantized_model,
     output_layers,
     params_from_range,
@@ -109,6 +113,12 @@ class QuantPass(Pass):
         PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=positive_int, metavar="N"),
         PassOption("per_tensor", False, "one scale per weight tensor instead of one per output channel "
                    "(per-channel is the default and almost always more accurate)", is_switch=True),
+        PassOption("weight_bits", "auto", "weight precision: 8, or 7 (values in [-63, 63]) for CPUs whose int8 "
+                   "kernels add pairs of products into a saturating int16 (x86 without VNNI: AVX2, AVX-512F; "
+                   "what onnxruntime calls reduce_range); auto asks this machine's onnxruntime with a probe conv "
+                   "and takes 7 only where it saturates (depthwise convs, whose kernel does not pair products, "
+                   "keep 8). Give 8 for a VNNI, ARM or TensorRT deployment target",
+                   choices=("auto", "8", "7"), metavar="BITS"),
         PassOption("cle", False, "cross-layer equalization before quantizing (Nagel et al. 2019): helps models "
                    "whose per-channel weight ranges differ wildly (depthwise nets)", is_switch=True, flag="--cle"),
         PassOption("bias_correction", "auto", "correct each int8 layer's mean output error on calibration data "
@@ -132,7 +142,7 @@ class QuantPass(Pass):
 
     def run(self, model: Model, context: PassContext) -> PassReport:
         report = PassReport(self.name, options=dict(self.config))
-        config = self.config
+        config = dict(self.config)
         found = is_quantized_model(model)
         if found:
             raise UserError(f"quant: the model is already quantized ({found} present); give the float model")
@@ -148,6 +158,7 @@ class QuantPass(Pass):
             _equalize(model, report)
         float_model = model  # the float reference for correction and fallback
         act_type = config["act_type"]
+        config["weight_bits"] = _weight_bits(config["weight_bits"], act_type, model, report)
 
         heads = output_layers(float_model, max_share=OUTPUT_LAYER_SHARE) if config["output_layers"] == "float" else []
         base_float = dict.fromkeys(heads, "computes a model output (--quant-output-layers float)")
@@ -241,6 +252,30 @@ def _raise_opset(model: Model, report: PassReport) -> None:
     model.graph = converted.graph
     model.infer_shapes(reset=True)
     report.notes.append(f"opset {before} -> 13 (per-channel DequantizeLinear needs 13)")
+
+
+def _weight_bits(option: str, act_type: str, model: Model, report: PassReport) -> Dict[str, int]:
+    """Bits per weighted layer: 8 unless its onnxruntime kernel here would saturate on 8-bit products.
+
+    Depthwise convs run a kernel that does not pair products, so they keep 8 bits even when
+    the dense kernels need 7 (``runtime.int8_products_saturate``)."""
+    bits: Dict[str, int] = {}
+    for node in model.graph.nodes:
+        if node.op not in WEIGHTED_OPS:
+            continue
+        depthwise = is_depthwise_conv(node)
+        if option == "auto":
+            bits[node.name] = 7 if runtime.int8_products_saturate(act_type, depthwise) else 8
+        else:
+            bits[node.name] = 8 if option == "8" or depthwise else 7
+    reduced = sum(1 for b in bits.values() if b == 7)
+    if reduced and option == "auto":
+        report.notes.append(
+            f"7-bit weights on {reduced} of {len(bits)} layers: this CPU's onnxruntime int8 kernels add pairs of "
+            "products into a saturating int16 (x86 without VNNI), which full-range weights overflow; give "
+            "--quant-weight-bits 8 for a VNNI, ARM or TensorRT target")
+    report.details["weight_bits"] = {"7": reduced, "8": len(bits) - reduced}
+    return bits
 
 
 def _equalize(model: Model, report: PassReport) -> None:
@@ -428,7 +463,7 @@ def _with_biases(float_model: Model, corrections: Dict[str, np.ndarray]) -> Mode
 
 def _emit(float_model: Model, plan: QuantPlan, params, config, corrections):
     model = _with_biases(float_model, corrections)
-    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"])
+    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"], weight_bits=config["weight_bits"])
     return model, weights
 
 
@@ -459,7 +494,7 @@ def _bias_correction(float_model, plan, stats, config, data, context) -> Dict[st
     for node in layers:
         weight = node.inputs[1].values.astype(np.float32)
         axis = weight_axis(node, not config["per_tensor"])
-        q, scale = quantize_weight(weight, axis)
+        q, scale = quantize_weight(weight, axis, config["weight_bits"].get(node.name, 8))
         if axis is None:
             dequant = q.astype(np.float32) * scale
         else:
@@ -517,7 +552,7 @@ def _stem_candidates(model: Model, plan: QuantPlan) -> List[List[str]]:
         # up to the last compute node at resolution >= level, and up to the last depthwise
         # one there (the pointwise convs after it are where int8 pays)
         ends = [max(at_level)]
-        depthwise = [i for i in at_level if _is_depthwise(computes[i])]
+        depthwise = [i for i in at_level if is_depthwise_conv(computes[i])]
         if depthwise and max(depthwise) != max(at_level):
             ends.append(max(depthwise))
         for last in ends:
@@ -525,14 +560,6 @@ def _stem_candidates(model: Model, plan: QuantPlan) -> List[List[str]]:
             if len(prefix) < len(computes) and prefix not in candidates:
                 candidates.append(prefix)
     return candidates
-
-
-def _is_depthwise(node) -> bool:
-    if node.op != "Conv":
-        return False
-    groups = int(node.attrs.get("group", 1))
-    weight = node.inputs[1]
-    return groups > 1 and getattr(weight, "shape", None) is not None and weight.shape[1] == 1
 
 
 def _small_input(node) -> bool:

@@ -6,6 +6,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -367,6 +368,29 @@ def test_per_tensor_weight_has_one_scale():
     assert np.ndim(scale) == 0
     assert q.min() >= -127 and q.max() <= 127
     assert np.abs(q.astype(np.float32) * scale - w).max() <= float(scale) / 2 + 1e-7
+
+
+def test_seven_bit_weights_stay_within_63_and_use_that_range():
+    w = np.random.default_rng(3).standard_normal((6, 4, 3, 3)).astype(np.float32)
+    q, scale = qdq.quantize_weight(w, 0, bits=7)
+    assert np.abs(q).reshape(6, -1).max(axis=1).tolist() == [63] * 6
+    error = np.abs(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1) - w)
+    assert np.all(error.reshape(6, -1).max(axis=1) <= scale / 2 + 1e-7)
+    eight, eight_scale = qdq.quantize_weight(w, 0)
+    assert np.allclose(scale * 63, eight_scale * 127)  # same clipping bound, half the steps
+
+
+def test_weight_bits_other_than_8_or_7_are_refused():
+    with pytest.raises(ValueError, match="weight bits"):
+        qdq.quantize_weight(np.ones((2, 2), np.float32), 0, bits=4)
+
+
+def test_depthwise_means_one_input_and_one_output_channel_per_group():
+    dw = gs.Node("Conv", attrs={"group": 8}, inputs=[gs.Variable("x"), gs.Constant("w", np.zeros((8, 1, 3, 3), np.float32))])
+    multiplier = gs.Node("Conv", attrs={"group": 8}, inputs=[gs.Variable("x"), gs.Constant("w", np.zeros((16, 1, 3, 3), np.float32))])
+    grouped = gs.Node("Conv", attrs={"group": 2}, inputs=[gs.Variable("x"), gs.Constant("w", np.zeros((8, 4, 3, 3), np.float32))])
+    dense = gs.Node("Conv", inputs=[gs.Variable("x"), gs.Constant("w", np.zeros((8, 8, 3, 3), np.float32))])
+    assert [qdq.is_depthwise_conv(n) for n in (dw, multiplier, grouped, dense)] == [True, False, False, False]
 
 
 def test_zero_weight_channel_does_not_divide_by_zero():

@@ -7,13 +7,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_cv import runtime
 from onnxslim_cv.calibration import from_iterable, random_data
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
 from onnxslim_cv.passes.quant import QuantPass
+from onnxslim_cv.qdq import is_depthwise_conv
 from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.testing import models as test_models
 from onnxslim_cv.testing import zoo
@@ -316,10 +317,73 @@ def test_missing_calibration_is_refused():
     ("max_drop", 1.5, "--max-drop"),
     ("metric", "psnr", "--max-drop-metric"),
     ("exclude", "conv[", "--quant-exclude"),
+    ("weight_bits", "6", "--quant-weight-bits"),
 ])
 def test_bad_option_values_are_refused_naming_the_flag(option, value, flag):
     with pytest.raises(UserError, match=flag):
         QuantPass(**{option: value})
+
+
+def _saturating_model() -> onnx.ModelProto:
+    """Non-negative inputs into a 1x1 conv whose weights are all large and positive: any pair of
+    8-bit products adds up past an int16, the case kernels without VNNI get wrong."""
+    rng = np.random.default_rng(0)
+    w1 = rng.uniform(0.5, 1.0, (32, 64, 1, 1)).astype(np.float32)
+    w2 = rng.uniform(-1.0, 1.0, (8, 32, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu_in"),
+             helper.make_node("Conv", ["r", "w1"], ["c"], name="dense"),
+             helper.make_node("Relu", ["c"], ["h"], name="relu"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    return proto
+
+
+def _saturating_quant(weight_bits):
+    proto = _saturating_model()
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.uniform(0, 1, (1, 64, 8, 8)).astype(np.float32)} for _ in range(SAMPLES)]
+    data = from_iterable(samples, Model.from_proto(proto).input_specs())
+    _, out, report = _quant(proto, data, output_layers="int8", weight_bits=weight_bits)
+    reference, candidate = runtime.make_session(proto), runtime.make_session(out.to_proto())
+    feed = {"x": rng.uniform(0, 1, (1, 64, 8, 8)).astype(np.float32)}
+    a, b = (s.run(None, feed)[0].ravel().astype(np.float64) for s in (reference, candidate))
+    return 1.0 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), report
+
+
+def test_auto_weight_bits_keeps_products_that_overflow_int16_exact():
+    loss, report = _saturating_quant("auto")
+    assert report.details["fusion"]["int8_kernels"].get("QLinearConv") == 2
+    assert loss < 1e-4  # 8-bit weights on a saturating kernel: 4.5e-3 (AMD EPYC, AVX2)
+    saturates = runtime.int8_products_saturate("uint8")
+    assert report.details["weight_bits"] == ({"7": 2, "8": 0} if saturates else {"7": 0, "8": 2})
+    assert any("7-bit weights on 2 of 2 layers" in note for note in report.notes) == saturates
+
+
+def test_eight_bit_weights_lose_accuracy_where_the_probe_says_kernels_saturate():
+    if not runtime.int8_products_saturate("uint8"):
+        pytest.skip("this CPU's int8 kernels do not saturate (VNNI or not x86)")
+    eight, _ = _saturating_quant("8")
+    seven, _ = _saturating_quant("7")
+    assert eight > 20 * seven
+
+
+def test_seven_bit_weights_keep_depthwise_convs_at_8_bits():
+    proto = _proto("mobilenetv2_block")
+    _, out, report = _quant(proto, weight_bits="7")
+    nodes = {n.name: n for n in Model.from_proto(proto).graph.nodes}
+    bits = {row["node"]: row["weight_bits"] for row in report.details["weights"]}
+    assert bits and all(b == (8 if is_depthwise_conv(nodes[name]) else 7) for name, b in bits.items())
+    assert 8 in bits.values() and 7 in bits.values()
+    inits = _initializers(out.to_proto())
+    int8_weights = [inits[n.input[0]] for n in out.to_proto().graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+    assert max(int(np.abs(w).max()) for w in int8_weights) == 127  # the depthwise weights
+    assert sorted(int(np.abs(w).max()) for w in int8_weights).count(63) == list(bits.values()).count(7)
+    assert min(_cosines(proto, out)) >= 0.98
 
 
 def test_bias_correction_on_and_off_both_work():
