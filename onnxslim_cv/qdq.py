@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Collection, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -405,7 +405,6 @@ class QuantParams:
         return np.uint8 if self.dtype == "uint8" else np.int8
 
 
-WEIGHT_BITS = (8, 7)
 WEIGHTED_OPS = ("Conv", "Gemm", "ConvTranspose", "MatMul")
 
 
@@ -436,26 +435,63 @@ def params_from_range(lo: float, hi: float, act_type: str) -> QuantParams:
     return QuantParams(np.float32(bound / 127.0).item(), 0, "int8", lo, hi)
 
 
-def quantize_weight(weight: np.ndarray, axis: Optional[int], bits: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+PAIR_LIMIT = 128
+"""The most two same-sign int8 weights may add up to on a CPU that sums each pair of uint8 x int8
+products into a saturating int16: 255 * 128 = 32640 fits, 255 * 129 does not."""
+
+
+def _top_two(values: np.ndarray) -> np.ndarray:
+    """The two largest entries of each row of a non-negative [rows, k] array (0 pads k = 1)."""
+    if values.shape[1] == 1:
+        return np.concatenate([values, np.zeros_like(values)], axis=1)
+    return -np.partition(-values, 1, axis=1)[:, :2]
+
+
+def pair_safe_levels(rows: np.ndarray) -> np.ndarray:
+    """Per row of a [rows, k] weight, the largest int8 bound (63..127) at which no two same-sign
+    weights round to a sum past ``PAIR_LIMIT``.
+
+    Whatever order a kernel pairs the products in and whatever the uint8 inputs are, no pair
+    can then overflow an int16. 63 always qualifies (onnxruntime's ``reduce_range``: 7 bits);
+    rows where one weight dominates keep up to the full 8 bits."""
+    rows = np.asarray(rows, dtype=np.float32)
+    top = np.maximum(np.abs(rows).max(axis=1), 1e-12).astype(np.float32)
+    pairs = (_top_two(np.maximum(rows, 0)), _top_two(np.maximum(-rows, 0)))
+    levels = np.full(rows.shape[0], 63.0, dtype=np.float32)
+    settled = np.zeros(rows.shape[0], dtype=bool)
+    for bound in range(127, 63, -1):
+        scale = (top / np.float32(bound)).astype(np.float32)
+        ok = np.ones(rows.shape[0], dtype=bool)
+        for pair in pairs:
+            ok &= np.round(pair[:, 0] / scale) + np.round(pair[:, 1] / scale) <= PAIR_LIMIT
+        take = ok & ~settled
+        levels[take] = bound
+        settled |= ok
+        if settled.all():
+            break
+    return levels
+
+
+def quantize_weight(weight: np.ndarray, axis: Optional[int], pair_safe: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per channel along ``axis`` (per tensor when None): (int8 values, scales).
 
-    ``bits=7`` keeps the values in [-63, 63]: on CPUs whose uint8 x int8 kernels add pairs of
-    products into a saturating int16 (``runtime.int8_products_saturate``), 255 * 63 * 2 still fits."""
-    if bits not in WEIGHT_BITS:
-        raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits}")
-    qmax = float(2 ** (bits - 1) - 1)
+    ``pair_safe`` narrows each channel's range to ``pair_safe_levels`` for CPUs whose int8
+    kernels add pairs of products into a saturating int16 (``runtime.int8_products_saturate``);
+    per tensor, the narrowest row's bound holds for the whole tensor."""
     weight = np.asarray(weight, dtype=np.float32)
     if axis is None:
+        levels = float(pair_safe_levels(weight.reshape(1, -1))[0]) if pair_safe else 127.0
         bound = np.float32(max(float(np.abs(weight).max()), 1e-12))
-        scale = np.asarray(bound / qmax, dtype=np.float32)
-        q = np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8)
+        scale = np.asarray(bound / np.float32(levels), dtype=np.float32)
+        q = np.clip(np.round(weight / scale), -levels, levels).astype(np.int8)
         return q, scale
     moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    levels = pair_safe_levels(moved) if pair_safe else np.full(moved.shape[0], 127.0, np.float32)
     bound = np.maximum(np.abs(moved).max(axis=1), 1e-12).astype(np.float32)
-    scale = (bound / qmax).astype(np.float32)
+    scale = (bound / levels).astype(np.float32)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    q = np.clip(np.round(weight / scale.reshape(shape)), -levels.reshape(shape), levels.reshape(shape)).astype(np.int8)
     return q, scale
 
 
@@ -496,7 +532,7 @@ def emit_qdq(
     params: Dict[str, QuantParams],
     *,
     per_channel: bool = True,
-    weight_bits: Optional[Dict[str, int]] = None,
+    pair_safe: Collection[str] = (),
 ) -> Dict[str, Dict[str, object]]:
     """Rewrite ``model`` in place into QDQ form; returns per-weight quantization facts.
 
@@ -504,8 +540,8 @@ def emit_qdq(
     carries its dequantized value (what the rest of the graph reads).
 
     ``params`` holds one entry per quantized activation tensor (tied tensors share values);
-    ``weight_bits`` maps node names to 7 where the CPU's int8 kernels saturate (see
-    ``quantize_weight``); nodes not in it get 8.
+    ``pair_safe`` names the nodes whose weights keep the pair-safe range for CPUs whose int8
+    kernels saturate (see ``quantize_weight``); the others use the full [-127, 127].
     """
     graph = model.graph
     names = _Names(graph)
@@ -573,8 +609,8 @@ def emit_qdq(
         if node.op in ("Conv", "Gemm", "ConvTranspose") or (node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant)):
             weight = node.inputs[1]
             axis = weight_axis(node, per_channel)
-            bits = (weight_bits or {}).get(node.name, 8)
-            q, wscale = quantize_weight(weight.values, axis, bits)
+            safe = node.name in pair_safe
+            q, wscale = quantize_weight(weight.values, axis, safe)
             wq = gs.Constant(names(f"{weight.name}_quantized"), q)
             ws = gs.Constant(names(f"{weight.name}_scale"), wscale)
             wz = gs.Constant(names(f"{weight.name}_zero_point"), np.zeros(wscale.shape, np.int8))
@@ -583,7 +619,7 @@ def emit_qdq(
             graph.nodes.append(gs.Node("DequantizeLinear", names(f"{weight.name}_DequantizeLinear"), attrs=attrs, inputs=[wq, ws, wz], outputs=[wd]))
             node.inputs[1] = wd
             facts = {"node": node.name, "op": node.op, "weight": weight.name, "per_channel": axis is not None,
-                     "weight_bits": bits, "weight_scale_min": float(np.min(wscale)), "weight_scale_max": float(np.max(wscale))}
+                     "weight_range": "pair-safe" if safe else "full", "weight_scale_min": float(np.min(wscale)), "weight_scale_max": float(np.max(wscale))}
             bias_index = 2
             if len(node.inputs) > bias_index and node.inputs[bias_index] is not None and node.inputs[bias_index].name:
                 bias = node.inputs[bias_index]

@@ -12,8 +12,8 @@ The pipeline inside the pass, in order:
    not grow with the number of samples; ``--calib-method auto`` (the default) then keeps the
    method whose int8 model is closest to fp32 on the calibration samples;
 5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
-   weights keep 7 bits where this machine's onnxruntime kernels saturate 8-bit products
-   (``runtime.int8_products_saturate``: x86 without VNNI), else 8;
+   weights keep a pair-safe range (7 to 8 bits per channel) where this machine's onnxruntime
+   kernels saturate 8-bit products (``runtime.int8_products_saturate``: x86 without VNNI);
 6. bias correction: the mean shift int8 weights add to each layer's output, (W_q - W) E[x]
    with E[x] from the calibration pass, is subtracted from its bias (Nagel et al. 2019, sec. 4.2);
 7. accuracy-aware fallback (``--max-drop``): the layers that add the most quantization noise
@@ -25,7 +25,7 @@ The pipeline inside the pass, in order:
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -113,12 +113,14 @@ class QuantPass(Pass):
         PassOption("samples", DEFAULT_SAMPLES, "calibration samples to use (at most)", parse=positive_int, metavar="N"),
         PassOption("per_tensor", False, "one scale per weight tensor instead of one per output channel "
                    "(per-channel is the default and almost always more accurate)", is_switch=True),
-        PassOption("weight_bits", "auto", "weight precision: 8, or 7 (values in [-63, 63]) for CPUs whose int8 "
-                   "kernels add pairs of products into a saturating int16 (x86 without VNNI: AVX2, AVX-512F; "
-                   "what onnxruntime calls reduce_range); auto asks this machine's onnxruntime with a probe conv "
-                   "and takes 7 only where it saturates (depthwise convs, whose kernel does not pair products, "
-                   "keep 8). Give 8 for a VNNI, ARM or TensorRT deployment target",
-                   choices=("auto", "8", "7"), metavar="BITS"),
+        PassOption("weight_range", "auto", "int8 weight range: full ([-127, 127] per output channel), or safe "
+                   "for CPUs that add each pair of uint8 x int8 products into a saturating int16 (x86 without "
+                   "VNNI: AVX2, AVX-512F): per channel the widest range in which no two same-sign weights "
+                   "round to a sum past 128, so no pair can overflow (at least 7 bits, onnxruntime's "
+                   "reduce_range; up to 8 where one weight dominates). auto asks this machine's onnxruntime "
+                   "with a probe conv per kernel kind and takes safe only where it saturates (depthwise convs "
+                   "have a kernel that does not). Give full for a VNNI, ARM or TensorRT deployment target",
+                   choices=("auto", "full", "safe"), metavar="RANGE"),
         PassOption("cle", False, "cross-layer equalization before quantizing (Nagel et al. 2019): helps models "
                    "whose per-channel weight ranges differ wildly (depthwise nets)", is_switch=True, flag="--cle"),
         PassOption("bias_correction", "auto", "correct each int8 layer's mean output error on calibration data "
@@ -158,7 +160,7 @@ class QuantPass(Pass):
             _equalize(model, report)
         float_model = model  # the float reference for correction and fallback
         act_type = config["act_type"]
-        config["weight_bits"] = _weight_bits(config["weight_bits"], act_type, model, report)
+        config["pair_safe"] = _pair_safe_layers(config["weight_range"], act_type, model, report)
 
         heads = output_layers(float_model, max_share=OUTPUT_LAYER_SHARE) if config["output_layers"] == "float" else []
         base_float = dict.fromkeys(heads, "computes a model output (--quant-output-layers float)")
@@ -254,28 +256,25 @@ def _raise_opset(model: Model, report: PassReport) -> None:
     report.notes.append(f"opset {before} -> 13 (per-channel DequantizeLinear needs 13)")
 
 
-def _weight_bits(option: str, act_type: str, model: Model, report: PassReport) -> Dict[str, int]:
-    """Bits per weighted layer: 8 unless its onnxruntime kernel here would saturate on 8-bit products.
+def _pair_safe_layers(option: str, act_type: str, model: Model, report: PassReport) -> Set[str]:
+    """The weighted layers whose onnxruntime kernel on this CPU would overflow on full-range weights.
 
-    Depthwise convs run a kernel that does not pair products, so they keep 8 bits even when
-    the dense kernels need 7 (``runtime.int8_products_saturate``)."""
-    bits: Dict[str, int] = {}
-    for node in model.graph.nodes:
-        if node.op not in WEIGHTED_OPS:
-            continue
-        depthwise = is_depthwise_conv(node)
-        if option == "auto":
-            bits[node.name] = 7 if runtime.int8_products_saturate(act_type, depthwise) else 8
-        else:
-            bits[node.name] = 8 if option == "8" or depthwise else 7
-    reduced = sum(1 for b in bits.values() if b == 7)
-    if reduced and option == "auto":
-        report.notes.append(
-            f"7-bit weights on {reduced} of {len(bits)} layers: this CPU's onnxruntime int8 kernels add pairs of "
-            "products into a saturating int16 (x86 without VNNI), which full-range weights overflow; give "
-            "--quant-weight-bits 8 for a VNNI, ARM or TensorRT target")
-    report.details["weight_bits"] = {"7": reduced, "8": len(bits) - reduced}
-    return bits
+    Depthwise convs run a kernel that widens to 16 bits before multiplying, so they keep the
+    full range even where the dense kernels saturate (``runtime.int8_products_saturate``)."""
+    layers = [n for n in model.graph.nodes if n.op in WEIGHTED_OPS]
+    if option == "full":
+        safe: Set[str] = set()
+    elif option == "safe":
+        safe = {n.name for n in layers if not is_depthwise_conv(n)}
+    else:
+        safe = {n.name for n in layers if runtime.int8_products_saturate(act_type, is_depthwise_conv(n))}
+        if safe:
+            report.notes.append(
+                f"pair-safe weight ranges on {len(safe)} of {len(layers)} layers: this CPU's onnxruntime int8 "
+                "kernels add pairs of products into a saturating int16 (x86 without VNNI), which full-range "
+                "weights overflow; give --quant-weight-range full for a VNNI, ARM or TensorRT target")
+    report.details["weight_range"] = {"pair-safe": len(safe), "full": len(layers) - len(safe)}
+    return safe
 
 
 def _equalize(model: Model, report: PassReport) -> None:
@@ -463,7 +462,7 @@ def _with_biases(float_model: Model, corrections: Dict[str, np.ndarray]) -> Mode
 
 def _emit(float_model: Model, plan: QuantPlan, params, config, corrections):
     model = _with_biases(float_model, corrections)
-    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"], weight_bits=config["weight_bits"])
+    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"], pair_safe=config["pair_safe"])
     return model, weights
 
 
@@ -494,7 +493,7 @@ def _bias_correction(float_model, plan, stats, config, data, context) -> Dict[st
     for node in layers:
         weight = node.inputs[1].values.astype(np.float32)
         axis = weight_axis(node, not config["per_tensor"])
-        q, scale = quantize_weight(weight, axis, config["weight_bits"].get(node.name, 8))
+        q, scale = quantize_weight(weight, axis, node.name in config["pair_safe"])
         if axis is None:
             dequant = q.astype(np.float32) * scale
         else:

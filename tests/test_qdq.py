@@ -370,19 +370,39 @@ def test_per_tensor_weight_has_one_scale():
     assert np.abs(q.astype(np.float32) * scale - w).max() <= float(scale) / 2 + 1e-7
 
 
-def test_seven_bit_weights_stay_within_63_and_use_that_range():
-    w = np.random.default_rng(3).standard_normal((6, 4, 3, 3)).astype(np.float32)
-    q, scale = qdq.quantize_weight(w, 0, bits=7)
-    assert np.abs(q).reshape(6, -1).max(axis=1).tolist() == [63] * 6
-    error = np.abs(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1) - w)
-    assert np.all(error.reshape(6, -1).max(axis=1) <= scale / 2 + 1e-7)
-    eight, eight_scale = qdq.quantize_weight(w, 0)
-    assert np.allclose(scale * 63, eight_scale * 127)  # same clipping bound, half the steps
+def _same_sign_pair_max(q: np.ndarray) -> int:
+    """The largest |sum| of two same-sign entries in each row, over all rows."""
+    worst = 0
+    for row in q.reshape(q.shape[0], -1).astype(np.int64):
+        for part in (np.sort(row[row > 0])[::-1], np.sort(-row[row < 0])[::-1]):
+            if len(part) >= 2:
+                worst = max(worst, int(part[0] + part[1]))
+    return worst
 
 
-def test_weight_bits_other_than_8_or_7_are_refused():
-    with pytest.raises(ValueError, match="weight bits"):
-        qdq.quantize_weight(np.ones((2, 2), np.float32), 0, bits=4)
+def test_pair_safe_weights_never_pair_past_128_and_keep_at_least_7_bits():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
+    w[::4, 0, 0, 0] = 30.0  # channels with one dominant weight can keep more levels
+    q, scale = qdq.quantize_weight(w, 0, pair_safe=True)
+    assert _same_sign_pair_max(q) <= qdq.PAIR_LIMIT
+    full, full_scale = qdq.quantize_weight(w, 0)
+    assert _same_sign_pair_max(full) > qdq.PAIR_LIMIT  # what full-range weights would risk
+    levels = np.abs(q).reshape(64, -1).max(axis=1)
+    assert levels.min() >= 63 and levels[::4].min() > 100  # dominant weights: near 8 bits
+    error = np.abs(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1) - w).reshape(64, -1).max(axis=1)
+    assert np.all(error <= scale / 2 + 1e-6)
+    assert np.all(scale <= 2 * full_scale + 1e-9)  # never coarser than 7 bits
+
+
+def test_pair_safe_levels_pick_the_largest_safe_bound():
+    rows = np.array([[1.0, 1.0, 0.1], [1.0, 0.01, -0.01], [1.0, -1.0, 0.5]], np.float32)
+    levels = qdq.pair_safe_levels(rows)
+    assert levels[0] == 64  # 64 + 64 = 128
+    assert levels[1] == 127  # nothing pairs with the dominant weight
+    assert levels[2] == 85  # 85 + round(42.5) = 127; 86 + 43 = 129 is one too many
+    per_tensor, _ = qdq.quantize_weight(rows, None, pair_safe=True)
+    assert _same_sign_pair_max(per_tensor.reshape(1, -1)) <= qdq.PAIR_LIMIT
 
 
 def test_depthwise_means_one_input_and_one_output_channel_per_group():

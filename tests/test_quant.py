@@ -317,7 +317,7 @@ def test_missing_calibration_is_refused():
     ("max_drop", 1.5, "--max-drop"),
     ("metric", "psnr", "--max-drop-metric"),
     ("exclude", "conv[", "--quant-exclude"),
-    ("weight_bits", "6", "--quant-weight-bits"),
+    ("weight_range", "7", "--quant-weight-range"),
 ])
 def test_bad_option_values_are_refused_naming_the_flag(option, value, flag):
     with pytest.raises(UserError, match=flag):
@@ -342,47 +342,49 @@ def _saturating_model() -> onnx.ModelProto:
     return proto
 
 
-def _saturating_quant(weight_bits):
+def _saturating_quant(weight_range):
     proto = _saturating_model()
     rng = np.random.default_rng(1)
     samples = [{"x": rng.uniform(0, 1, (1, 64, 8, 8)).astype(np.float32)} for _ in range(SAMPLES)]
     data = from_iterable(samples, Model.from_proto(proto).input_specs())
-    _, out, report = _quant(proto, data, output_layers="int8", weight_bits=weight_bits)
+    _, out, report = _quant(proto, data, output_layers="int8", weight_range=weight_range)
     reference, candidate = runtime.make_session(proto), runtime.make_session(out.to_proto())
     feed = {"x": rng.uniform(0, 1, (1, 64, 8, 8)).astype(np.float32)}
     a, b = (s.run(None, feed)[0].ravel().astype(np.float64) for s in (reference, candidate))
     return 1.0 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), report
 
 
-def test_auto_weight_bits_keeps_products_that_overflow_int16_exact():
+def test_auto_weight_range_keeps_products_that_overflow_int16_exact():
     loss, report = _saturating_quant("auto")
     assert report.details["fusion"]["int8_kernels"].get("QLinearConv") == 2
-    assert loss < 1e-4  # 8-bit weights on a saturating kernel: 4.5e-3 (AMD EPYC, AVX2)
+    assert loss < 1e-4  # full-range weights on a saturating kernel: 4.5e-3 (AMD EPYC, AVX2)
     saturates = runtime.int8_products_saturate("uint8")
-    assert report.details["weight_bits"] == ({"7": 2, "8": 0} if saturates else {"7": 0, "8": 2})
-    assert any("7-bit weights on 2 of 2 layers" in note for note in report.notes) == saturates
+    assert report.details["weight_range"] == ({"pair-safe": 2, "full": 0} if saturates else {"pair-safe": 0, "full": 2})
+    assert any("pair-safe weight ranges on 2 of 2 layers" in note for note in report.notes) == saturates
 
 
-def test_eight_bit_weights_lose_accuracy_where_the_probe_says_kernels_saturate():
+def test_full_range_weights_lose_accuracy_where_the_probe_says_kernels_saturate():
     if not runtime.int8_products_saturate("uint8"):
         pytest.skip("this CPU's int8 kernels do not saturate (VNNI or not x86)")
-    eight, _ = _saturating_quant("8")
-    seven, _ = _saturating_quant("7")
-    assert eight > 20 * seven
+    full, _ = _saturating_quant("full")
+    safe, _ = _saturating_quant("safe")
+    assert full > 20 * safe
 
 
-def test_seven_bit_weights_keep_depthwise_convs_at_8_bits():
+def test_safe_weight_range_leaves_depthwise_convs_full():
     proto = _proto("mobilenetv2_block")
-    _, out, report = _quant(proto, weight_bits="7")
+    _, out, report = _quant(proto, weight_range="safe")
     nodes = {n.name: n for n in Model.from_proto(proto).graph.nodes}
-    bits = {row["node"]: row["weight_bits"] for row in report.details["weights"]}
-    assert bits and all(b == (8 if is_depthwise_conv(nodes[name]) else 7) for name, b in bits.items())
-    assert 8 in bits.values() and 7 in bits.values()
+    ranges = {row["node"]: row["weight_range"] for row in report.details["weights"]}
+    assert set(ranges.values()) == {"full", "pair-safe"}
+    assert all(r == ("full" if is_depthwise_conv(nodes[name]) else "pair-safe") for name, r in ranges.items())
     inits = _initializers(out.to_proto())
-    int8_weights = [inits[n.input[0]] for n in out.to_proto().graph.node
-                    if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
-    assert max(int(np.abs(w).max()) for w in int8_weights) == 127  # the depthwise weights
-    assert sorted(int(np.abs(w).max()) for w in int8_weights).count(63) == list(bits.values()).count(7)
+    for row in report.details["weights"]:
+        q = inits[row["weight"] + "_quantized"].astype(np.int64)
+        rows = q.reshape(q.shape[0], -1)
+        top_two = [np.sort(np.where(sign * rows > 0, sign * rows, 0), axis=1)[:, -2:].sum(axis=1) for sign in (1, -1)]
+        worst = int(max(t.max() for t in top_two))
+        assert worst <= 128 if row["weight_range"] == "pair-safe" else np.abs(rows).max() == 127
     assert min(_cosines(proto, out)) >= 0.98
 
 
