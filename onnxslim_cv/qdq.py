@@ -408,6 +408,11 @@ class QuantParams:
 WEIGHTED_OPS = ("Conv", "Gemm", "ConvTranspose", "MatMul")
 
 
+def has_constant_weight(node: gs.Node) -> bool:
+    """A compute op whose second input is a constant weight (what ``emit_qdq`` quantizes per channel)."""
+    return node.op in WEIGHTED_OPS and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant)
+
+
 def is_depthwise_conv(node: gs.Node) -> bool:
     """One input and one output channel per group: onnxruntime runs these on a kernel of their own."""
     if node.op != "Conv":
@@ -606,7 +611,7 @@ def emit_qdq(
     for node in list(graph.nodes):
         if node.name not in int8:
             continue
-        if node.op in ("Conv", "Gemm", "ConvTranspose") or (node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant)):
+        if has_constant_weight(node):
             weight = node.inputs[1]
             axis = weight_axis(node, per_channel)
             safe = node.name in pair_safe

@@ -41,9 +41,9 @@ from onnxslim_cv.qdq import (
     COMPUTE_OPS,
     QuantParams,
     QuantPlan,
-    WEIGHTED_OPS,
     emit_qdq,
     fusion_report,
+    has_constant_weight,
     is_depthwise_conv,
     is_quantized_model,
     output_layers,
@@ -261,7 +261,7 @@ def _pair_safe_layers(option: str, act_type: str, model: Model, report: PassRepo
 
     Depthwise convs run a kernel that widens to 16 bits before multiplying, so they keep the
     full range even where the dense kernels saturate (``runtime.int8_products_saturate``)."""
-    layers = [n for n in model.graph.nodes if n.op in WEIGHTED_OPS]
+    layers = [n for n in model.graph.nodes if has_constant_weight(n)]
     if option == "full":
         safe: Set[str] = set()
     elif option == "safe":
