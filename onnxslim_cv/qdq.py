@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Collection, Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -452,6 +452,24 @@ def _top_two(values: np.ndarray) -> np.ndarray:
     return -np.partition(-values, 1, axis=1)[:, :2]
 
 
+def _safe_levels(pairs: Sequence[Tuple[np.ndarray, np.ndarray]], top: np.ndarray) -> np.ndarray:
+    """Per row, the largest int8 bound (63..127) at which no (first, second) pair of the same
+    sign rounds to a sum past ``PAIR_LIMIT``; ``top`` is each row's largest |weight|."""
+    levels = np.full(top.shape[0], 63.0, dtype=np.float32)
+    settled = np.zeros(top.shape[0], dtype=bool)
+    for bound in range(127, 63, -1):
+        scale = (top / np.float32(bound)).astype(np.float32)[:, None]
+        ok = np.ones(top.shape[0], dtype=bool)
+        for first, second in pairs:
+            a, b = np.round(first / scale), np.round(second / scale)
+            ok &= np.where(np.sign(a) == np.sign(b), np.abs(a + b), 0).max(axis=1) <= PAIR_LIMIT
+        levels[ok & ~settled] = bound
+        settled |= ok
+        if settled.all():
+            break
+    return levels
+
+
 def pair_safe_levels(rows: np.ndarray) -> np.ndarray:
     """Per row of a [rows, k] weight, the largest int8 bound (63..127) at which no two same-sign
     weights round to a sum past ``PAIR_LIMIT``.
@@ -461,37 +479,62 @@ def pair_safe_levels(rows: np.ndarray) -> np.ndarray:
     rows where one weight dominates keep up to the full 8 bits."""
     rows = np.asarray(rows, dtype=np.float32)
     top = np.maximum(np.abs(rows).max(axis=1), 1e-12).astype(np.float32)
-    pairs = (_top_two(np.maximum(rows, 0)), _top_two(np.maximum(-rows, 0)))
-    levels = np.full(rows.shape[0], 63.0, dtype=np.float32)
-    settled = np.zeros(rows.shape[0], dtype=bool)
-    for bound in range(127, 63, -1):
-        scale = (top / np.float32(bound)).astype(np.float32)
-        ok = np.ones(rows.shape[0], dtype=bool)
-        for pair in pairs:
-            ok &= np.round(pair[:, 0] / scale) + np.round(pair[:, 1] / scale) <= PAIR_LIMIT
-        take = ok & ~settled
-        levels[take] = bound
-        settled |= ok
-        if settled.all():
-            break
-    return levels
+    positive, negative = _top_two(np.maximum(rows, 0)), _top_two(np.maximum(-rows, 0))
+    pairs = [(positive[:, :1], positive[:, 1:]), (-negative[:, :1], -negative[:, 1:])]
+    return _safe_levels(pairs, top)
 
 
-def quantize_weight(weight: np.ndarray, axis: Optional[int], pair_safe: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+def adjacent_pair_levels(weight: np.ndarray) -> np.ndarray:
+    """``pair_safe_levels`` for a conv weight [out, in, *kernel] whose kernel pairs neighbours only.
+
+    onnxruntime's x86 int8 conv reads the weight of each output channel in (kernel position,
+    input channel) order and pairs entries 2i and 2i+1 (``runtime.int8_pairs_are_adjacent``
+    checks this on the installed runtime); so only those pairs must stay under the limit, which
+    leaves most channels between 7 and 8 bits instead of at 7. With an odd channel count the
+    pairs may also be laid out per kernel position (channels padded to even): both are checked."""
+    weight = np.asarray(weight, dtype=np.float32)
+    out, channels = weight.shape[0], weight.shape[1]
+    top = np.maximum(np.abs(weight.reshape(out, -1)).max(axis=1), 1e-12).astype(np.float32)
+    by_position = np.moveaxis(weight, 1, -1)  # [out, *kernel, in]
+    layouts = [by_position.reshape(out, -1)]
+    if channels % 2:
+        padding = np.zeros(by_position.shape[:-1] + (1,), np.float32)
+        layouts.append(np.concatenate([by_position, padding], axis=-1).reshape(out, -1))
+    pairs = []
+    for flat in layouts:
+        if flat.shape[1] % 2:
+            flat = np.concatenate([flat, np.zeros((out, 1), np.float32)], axis=1)
+        pairs.append((flat[:, 0::2], flat[:, 1::2]))
+    return _safe_levels(pairs, top)
+
+
+WEIGHT_PAIRINGS = ("any", "adjacent")
+
+
+def quantize_weight(weight: np.ndarray, axis: Optional[int], pairs: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per channel along ``axis`` (per tensor when None): (int8 values, scales).
 
-    ``pair_safe`` narrows each channel's range to ``pair_safe_levels`` for CPUs whose int8
-    kernels add pairs of products into a saturating int16 (``runtime.int8_products_saturate``);
-    per tensor, the narrowest row's bound holds for the whole tensor."""
+    ``pairs`` narrows each channel's range for CPUs whose int8 kernels add pairs of products
+    into a saturating int16 (``runtime.int8_products_saturate``): ``"any"`` keeps every pair of
+    same-sign weights under ``PAIR_LIMIT`` (``pair_safe_levels``; per tensor, over the whole
+    tensor), ``"adjacent"`` only the pairs a conv kernel forms (``adjacent_pair_levels``; conv
+    weights with ``axis`` 0, else as ``"any"``). None keeps the full [-127, 127]."""
+    if pairs is not None and pairs not in WEIGHT_PAIRINGS:
+        raise ValueError(f"weight pairing must be one of {WEIGHT_PAIRINGS}, got {pairs!r}")
     weight = np.asarray(weight, dtype=np.float32)
     if axis is None:
-        levels = float(pair_safe_levels(weight.reshape(1, -1))[0]) if pair_safe else 127.0
+        levels = float(pair_safe_levels(weight.reshape(1, -1))[0]) if pairs else 127.0
         bound = np.float32(max(float(np.abs(weight).max()), 1e-12))
         scale = np.asarray(bound / np.float32(levels), dtype=np.float32)
         q = np.clip(np.round(weight / scale), -levels, levels).astype(np.int8)
         return q, scale
     moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-    levels = pair_safe_levels(moved) if pair_safe else np.full(moved.shape[0], 127.0, np.float32)
+    if pairs == "adjacent" and axis == 0 and weight.ndim >= 3:
+        levels = adjacent_pair_levels(weight)
+    elif pairs:
+        levels = pair_safe_levels(moved)
+    else:
+        levels = np.full(moved.shape[0], 127.0, np.float32)
     bound = np.maximum(np.abs(moved).max(axis=1), 1e-12).astype(np.float32)
     scale = (bound / levels).astype(np.float32)
     shape = [1] * weight.ndim
@@ -537,7 +580,7 @@ def emit_qdq(
     params: Dict[str, QuantParams],
     *,
     per_channel: bool = True,
-    pair_safe: Collection[str] = (),
+    weight_pairs: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Dict[str, object]]:
     """Rewrite ``model`` in place into QDQ form; returns per-weight quantization facts.
 
@@ -545,8 +588,9 @@ def emit_qdq(
     carries its dequantized value (what the rest of the graph reads).
 
     ``params`` holds one entry per quantized activation tensor (tied tensors share values);
-    ``pair_safe`` names the nodes whose weights keep the pair-safe range for CPUs whose int8
-    kernels saturate (see ``quantize_weight``); the others use the full [-127, 127].
+    ``weight_pairs`` maps the nodes whose weights keep a pair-safe range (CPUs whose int8 kernels
+    saturate) to the pairing to guard, ``"any"`` or ``"adjacent"`` (see ``quantize_weight``);
+    the others use the full [-127, 127].
     """
     graph = model.graph
     names = _Names(graph)
@@ -614,8 +658,8 @@ def emit_qdq(
         if has_constant_weight(node):
             weight = node.inputs[1]
             axis = weight_axis(node, per_channel)
-            safe = node.name in pair_safe
-            q, wscale = quantize_weight(weight.values, axis, safe)
+            pairs = (weight_pairs or {}).get(node.name)
+            q, wscale = quantize_weight(weight.values, axis, pairs)
             wq = gs.Constant(names(f"{weight.name}_quantized"), q)
             ws = gs.Constant(names(f"{weight.name}_scale"), wscale)
             wz = gs.Constant(names(f"{weight.name}_zero_point"), np.zeros(wscale.shape, np.int8))
@@ -624,7 +668,7 @@ def emit_qdq(
             graph.nodes.append(gs.Node("DequantizeLinear", names(f"{weight.name}_DequantizeLinear"), attrs=attrs, inputs=[wq, ws, wz], outputs=[wd]))
             node.inputs[1] = wd
             facts = {"node": node.name, "op": node.op, "weight": weight.name, "per_channel": axis is not None,
-                     "weight_range": "pair-safe" if safe else "full", "weight_scale_min": float(np.min(wscale)), "weight_scale_max": float(np.max(wscale))}
+                     "weight_range": f"pair-safe ({pairs} pairs)" if pairs else "full", "weight_scale_min": float(np.min(wscale)), "weight_scale_max": float(np.max(wscale))}
             bias_index = 2
             if len(node.inputs) > bias_index and node.inputs[bias_index] is not None and node.inputs[bias_index].name:
                 bias = node.inputs[bias_index]

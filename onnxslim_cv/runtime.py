@@ -166,42 +166,53 @@ def run(session: ort.InferenceSession, feed: Dict[str, np.ndarray], outputs: Opt
     return session.run(list(outputs) if outputs else None, typed)
 
 
-def _saturation_probe(act_type: str, weight_value: int, depthwise: bool = False) -> onnx.ModelProto:
-    """A QDQ conv, as we emit it, whose quantized inputs sit at the top of ``act_type`` (255 or
-    127) against int8 weights at ``weight_value``: a 1x1 conv over 64 channels, or a 8x8
-    depthwise conv on an 8x8 input; either way the exact output is 64 * weight_value / 127."""
-    channels = 64
-    outputs, kernel, size = (channels, 8, 8) if depthwise else (16, 1, 4)
-    fan_in = kernel * kernel if depthwise else channels
+def _conv_probe(act_type: str, weights: np.ndarray, group: int = 1, y_scale: float = 1.0) -> onnx.ModelProto:
+    """A QDQ conv, as we emit it, over an input of ones that quantizes to the top of ``act_type``
+    (255 or 127), with int8 ``weights`` [out, in / group, k, k] at scale 1/127; no padding."""
+    outputs, per_group, kernel = weights.shape[0], weights.shape[1], weights.shape[2]
+    channels = per_group * group
     act = TensorProto.UINT8 if act_type == "uint8" else TensorProto.INT8
     top = 255.0 if act_type == "uint8" else 127.0
     initializers = [
         helper.make_tensor("xs", TensorProto.FLOAT, [], [1.0 / top]),
         helper.make_tensor("xz", act, [], [0]),
-        helper.make_tensor("wq", TensorProto.INT8, [outputs, channels // outputs if depthwise else channels, kernel, kernel],
-                           [weight_value] * (outputs * fan_in)),
+        helper.make_tensor("wq", TensorProto.INT8, list(weights.shape), weights.astype(np.int8).ravel().tolist()),
         helper.make_tensor("ws", TensorProto.FLOAT, [outputs], [1.0 / 127.0] * outputs),
         helper.make_tensor("wz", TensorProto.INT8, [outputs], [0] * outputs),
-        helper.make_tensor("ys", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("ys", TensorProto.FLOAT, [], [y_scale]),
         helper.make_tensor("yz", act, [], [0]),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
         helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd"], ["y"], group=channels if depthwise else 1),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], group=group),
         helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
         helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"]),
     ]
+    size = kernel + 3
     graph = helper.make_graph(
-        nodes, "saturation_probe",
+        nodes, "int8_conv_probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, outputs, size - kernel + 1, size - kernel + 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, outputs, 4, 4])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = min(max_ir_version(), 8)
     return model
+
+
+def _saturation_probe(act_type: str, weight_value: int, depthwise: bool = False) -> onnx.ModelProto:
+    """A 1x1 conv over 64 channels, or a 8x8 depthwise conv, every weight at ``weight_value``:
+    the exact output is 64 * weight_value / 127."""
+    if depthwise:
+        return _conv_probe(act_type, np.full((64, 1, 8, 8), weight_value), group=64)
+    return _conv_probe(act_type, np.full((16, 64, 1, 1), weight_value))
+
+
+def _probe_output(probe: onnx.ModelProto, *, optimize: bool = True) -> np.ndarray:
+    shape = [d.dim_value for d in probe.graph.input[0].type.tensor_type.shape.dim]
+    return make_session(probe, optimize=optimize, quiet=True).run(None, {"x": np.ones(shape, np.float32)})[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,11 +228,29 @@ def int8_products_saturate(act_type: str = "uint8", depthwise: bool = False) -> 
     Depthwise convs have their own kernel (it widens to int16 first and does not saturate on AVX2),
     so they are asked separately.
     """
-    probe = _saturation_probe(act_type, 127, depthwise)
-    shape = [d.dim_value for d in probe.graph.input[0].type.tensor_type.shape.dim]
-    x = np.ones(shape, dtype=np.float32)  # quantizes to the top of the type
     try:
-        out = make_session(probe, quiet=True).run(None, {"x": x})[0]
+        out = _probe_output(_saturation_probe(act_type, 127, depthwise))
     except Exception:
         return False  # no int8 conv kernel here, so nothing to saturate
     return bool(np.abs(out - 64.0).max() > 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def int8_pairs_are_adjacent(act_type: str = "uint8") -> bool:
+    """Whether this onnxruntime's int8 conv kernel pairs only the products of neighbouring weights.
+
+    ``qdq.adjacent_pair_levels`` assumes the kernel reads each output channel's weights in
+    (kernel position, input channel) order and pairs entries 2i and 2i+1. Two convs check it
+    (1x1 over 64 channels, 3x3 over 4): input channels alternate +127 / -64, so those pairs
+    never overflow, while any other pairing (two taps of one channel, channels two apart)
+    puts two 127s together and overflows. The fused output must match the unfused QDQ math.
+    """
+    try:
+        for kernel, channels in ((1, 64), (3, 4)):
+            weights = np.where(np.arange(channels) % 2 == 0, 127, -64).reshape(1, channels, 1, 1)
+            probe = _conv_probe(act_type, np.broadcast_to(weights, (16, channels, kernel, kernel)), y_scale=0.125)
+            if np.abs(_probe_output(probe) - _probe_output(probe, optimize=False)).max() > 0.25:
+                return False
+    except Exception:
+        return False
+    return True

@@ -13,7 +13,8 @@ The pipeline inside the pass, in order:
    method whose int8 model is closest to fp32 on the calibration samples;
 5. QDQ emission (int8 symmetric per-channel weights, int32 biases, uint8 or int8 activations);
    weights keep a pair-safe range (7 to 8 bits per channel) where this machine's onnxruntime
-   kernels saturate 8-bit products (``runtime.int8_products_saturate``: x86 without VNNI);
+   kernels saturate 8-bit products (``runtime.int8_products_saturate``: x86 without VNNI),
+   guarding only the neighbouring pairs a conv kernel forms (``runtime.int8_pairs_are_adjacent``);
 6. bias correction: the mean shift int8 weights add to each layer's output, (W_q - W) E[x]
    with E[x] from the calibration pass, is subtracted from its bias (Nagel et al. 2019, sec. 4.2);
 7. accuracy-aware fallback (``--max-drop``): the layers that add the most quantization noise
@@ -25,7 +26,7 @@ The pipeline inside the pass, in order:
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -116,8 +117,9 @@ class QuantPass(Pass):
         PassOption("weight_range", "auto", "int8 weight range: full ([-127, 127] per output channel), or safe "
                    "for CPUs that add each pair of uint8 x int8 products into a saturating int16 (x86 without "
                    "VNNI: AVX2, AVX-512F): per channel the widest range in which no two same-sign weights "
+                   "the kernel pairs (neighbours in its read order, where the runtime shows it pairs that way) "
                    "round to a sum past 128, so no pair can overflow (at least 7 bits, onnxruntime's "
-                   "reduce_range; up to 8 where one weight dominates). auto asks this machine's onnxruntime "
+                   "reduce_range; up to 8). auto asks this machine's onnxruntime "
                    "with a probe conv per kernel kind and takes safe only where it saturates (depthwise convs "
                    "have a kernel that does not). Give full for a VNNI, ARM or TensorRT deployment target",
                    choices=("auto", "full", "safe"), metavar="RANGE"),
@@ -160,7 +162,7 @@ class QuantPass(Pass):
             _equalize(model, report)
         float_model = model  # the float reference for correction and fallback
         act_type = config["act_type"]
-        config["pair_safe"] = _pair_safe_layers(config["weight_range"], act_type, model, report)
+        config["weight_pairs"] = _weight_pairs(config["weight_range"], act_type, model, report)
 
         heads = output_layers(float_model, max_share=OUTPUT_LAYER_SHARE) if config["output_layers"] == "float" else []
         base_float = dict.fromkeys(heads, "computes a model output (--quant-output-layers float)")
@@ -256,25 +258,32 @@ def _raise_opset(model: Model, report: PassReport) -> None:
     report.notes.append(f"opset {before} -> 13 (per-channel DequantizeLinear needs 13)")
 
 
-def _pair_safe_layers(option: str, act_type: str, model: Model, report: PassReport) -> Set[str]:
-    """The weighted layers whose onnxruntime kernel on this CPU would overflow on full-range weights.
+def _weight_pairs(option: str, act_type: str, model: Model, report: PassReport) -> Dict[str, str]:
+    """The weighted layers whose onnxruntime kernel on this CPU would overflow on full-range
+    weights, each with the pairing its pair-safe range guards (``qdq.quantize_weight``).
 
     Depthwise convs run a kernel that widens to 16 bits before multiplying, so they keep the
-    full range even where the dense kernels saturate (``runtime.int8_products_saturate``)."""
+    full range even where the dense kernels saturate (``runtime.int8_products_saturate``).
+    Convs guard only the neighbouring pairs their kernel forms when the runtime shows that it
+    pairs that way, which it can only show where it saturates; anything else guards every pair."""
     layers = [n for n in model.graph.nodes if has_constant_weight(n)]
     if option == "full":
-        safe: Set[str] = set()
+        chosen: List[gs.Node] = []
     elif option == "safe":
-        safe = {n.name for n in layers if not is_depthwise_conv(n)}
+        chosen = [n for n in layers if not is_depthwise_conv(n)]
     else:
-        safe = {n.name for n in layers if runtime.int8_products_saturate(act_type, is_depthwise_conv(n))}
-        if safe:
-            report.notes.append(
-                f"pair-safe weight ranges on {len(safe)} of {len(layers)} layers: this CPU's onnxruntime int8 "
-                "kernels add pairs of products into a saturating int16 (x86 without VNNI), which full-range "
-                "weights overflow; give --quant-weight-range full for a VNNI, ARM or TensorRT target")
-    report.details["weight_range"] = {"pair-safe": len(safe), "full": len(layers) - len(safe)}
-    return safe
+        chosen = [n for n in layers if runtime.int8_products_saturate(act_type, is_depthwise_conv(n))]
+    adjacent = bool(chosen) and runtime.int8_products_saturate(act_type) and runtime.int8_pairs_are_adjacent(act_type)
+    pairs = {n.name: "adjacent" if adjacent and n.op == "Conv" else "any" for n in chosen}
+    if pairs and option == "auto":
+        report.notes.append(
+            f"pair-safe weight ranges on {len(pairs)} of {len(layers)} layers: this CPU's onnxruntime int8 kernels "
+            "add pairs of products into a saturating int16 (x86 without VNNI), which full-range weights overflow"
+            + ("; convs guard only the neighbouring pairs their kernel forms" if adjacent else "")
+            + "; give --quant-weight-range full for a VNNI, ARM or TensorRT target")
+    report.details["weight_range"] = {"pair-safe": len(pairs), "full": len(layers) - len(pairs),
+                                      "conv_pairs": "adjacent" if adjacent else "any"}
+    return pairs
 
 
 def _equalize(model: Model, report: PassReport) -> None:
@@ -462,7 +471,7 @@ def _with_biases(float_model: Model, corrections: Dict[str, np.ndarray]) -> Mode
 
 def _emit(float_model: Model, plan: QuantPlan, params, config, corrections):
     model = _with_biases(float_model, corrections)
-    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"], pair_safe=config["pair_safe"])
+    weights = emit_qdq(model, plan, params, per_channel=not config["per_tensor"], weight_pairs=config["weight_pairs"])
     return model, weights
 
 
@@ -493,7 +502,7 @@ def _bias_correction(float_model, plan, stats, config, data, context) -> Dict[st
     for node in layers:
         weight = node.inputs[1].values.astype(np.float32)
         axis = weight_axis(node, not config["per_tensor"])
-        q, scale = quantize_weight(weight, axis, node.name in config["pair_safe"])
+        q, scale = quantize_weight(weight, axis, config["weight_pairs"].get(node.name))
         if axis is None:
             dequant = q.astype(np.float32) * scale
         else:

@@ -384,7 +384,7 @@ def test_pair_safe_weights_never_pair_past_128_and_keep_at_least_7_bits():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
     w[::4, 0, 0, 0] = 30.0  # channels with one dominant weight can keep more levels
-    q, scale = qdq.quantize_weight(w, 0, pair_safe=True)
+    q, scale = qdq.quantize_weight(w, 0, pairs="any")
     assert _same_sign_pair_max(q) <= qdq.PAIR_LIMIT
     full, full_scale = qdq.quantize_weight(w, 0)
     assert _same_sign_pair_max(full) > qdq.PAIR_LIMIT  # what full-range weights would risk
@@ -401,8 +401,46 @@ def test_pair_safe_levels_pick_the_largest_safe_bound():
     assert levels[0] == 64  # 64 + 64 = 128
     assert levels[1] == 127  # nothing pairs with the dominant weight
     assert levels[2] == 85  # 85 + round(42.5) = 127; 86 + 43 = 129 is one too many
-    per_tensor, _ = qdq.quantize_weight(rows, None, pair_safe=True)
+    per_tensor, _ = qdq.quantize_weight(rows, None, pairs="any")
     assert _same_sign_pair_max(per_tensor.reshape(1, -1)) <= qdq.PAIR_LIMIT
+
+
+def test_unknown_weight_pairing_is_refused():
+    with pytest.raises(ValueError, match="weight pairing"):
+        qdq.quantize_weight(np.ones((2, 2), np.float32), 0, pairs="every")
+
+
+def _neighbour_pair_max(q: np.ndarray) -> int:
+    """The largest |sum| of same-sign entries 2i, 2i+1 of each output channel read in
+    (kernel position, input channel) order, over both odd-channel layouts."""
+    by_position = np.moveaxis(q.astype(np.int64), 1, -1)
+    layouts = [by_position.reshape(q.shape[0], -1)]
+    if q.shape[1] % 2:
+        pad = np.zeros(by_position.shape[:-1] + (1,), np.int64)
+        layouts.append(np.concatenate([by_position, pad], axis=-1).reshape(q.shape[0], -1))
+    worst = 0
+    for flat in layouts:
+        flat = np.concatenate([flat, np.zeros((flat.shape[0], flat.shape[1] % 2), np.int64)], axis=1)
+        a, b = flat[:, 0::2], flat[:, 1::2]
+        worst = max(worst, int(np.where(np.sign(a) == np.sign(b), np.abs(a + b), 0).max()))
+    return worst
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 3, 3), (32, 3, 3, 3), (32, 64, 1, 1), (8, 5, 3)])
+def test_adjacent_pairs_keep_more_levels_than_any_pairs_and_stay_under_128(shape):
+    w = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    adjacent, adjacent_scale = qdq.quantize_weight(w, 0, pairs="adjacent")
+    anywhere, anywhere_scale = qdq.quantize_weight(w, 0, pairs="any")
+    assert _neighbour_pair_max(adjacent) <= qdq.PAIR_LIMIT
+    assert np.all(adjacent_scale <= anywhere_scale)  # never coarser
+    levels = np.abs(adjacent).reshape(shape[0], -1).max(axis=1)
+    assert levels.min() >= 63 and levels.mean() > np.abs(anywhere).reshape(shape[0], -1).max(axis=1).mean() + 5
+
+
+def test_adjacent_pairs_fall_back_to_any_pairs_off_the_conv_layout():
+    w = np.random.default_rng(5).standard_normal((16, 10)).astype(np.float32)
+    for axis in (0, 1):
+        assert np.array_equal(qdq.quantize_weight(w, axis, pairs="adjacent")[0], qdq.quantize_weight(w, axis, pairs="any")[0])
 
 
 def test_depthwise_means_one_input_and_one_output_channel_per_group():

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_cv import runtime
+from onnxslim_cv import qdq, runtime
 from onnxslim_cv.model_io import load_model
 from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.testing import zoo
@@ -27,11 +27,16 @@ CLASSIFIERS = {"squeezenet", "resnet20", "mnist", "ppocr_cls"}
 # PP-OCR det's first input is the document photo; the COCO images after it hold no text, so
 # their probability maps are all (near) zero and a cosine between them means nothing.
 INPUTS = {"ppocr_det": 1}
-# PP-OCR cls outputs a 2-class softmax that fp32 decides at 1e-9 against 1 on these crops, and
-# it is calibrated on COCO images (its 12 text crops are the evaluation set). On the second crop
-# int8 keeps the class at 0.66 (pair-safe weights on an AVX2 CPU) or 0.68 (full 8-bit weights,
-# exact arithmetic): cosine 0.89 / 0.91.
-COSINE_FLOOR = {"ppocr_cls": 0.85}
+# Classifiers are checked over 16 inputs: top-1 agreement and the mean cosine of the outputs.
+# One image near a tie can flip (ResNet-20's first test image: fp32 logits 8.68 / 8.13), so a
+# single image's answer says little; the mean cosine is what saturated int8 kernels lose
+# (0.969 on SqueezeNet, 0.960 on ResNet-20 with full-range weights on an AVX2 CPU).
+# PP-OCR cls outputs a 2-class softmax that fp32 decides at 1e-9 against 1 on its 12 crops (cycled
+# here), and it is calibrated on COCO images, not text: bench_quant finds 10/12 crops agreeing
+# for ours and for every onnxruntime variant with 7-bit weights.
+CLASSIFIER_INPUTS = 16
+CLASSIFIER_FLOORS = {"squeezenet": (0.9, 0.98), "resnet20": (0.9, 0.98), "mnist": (0.9, 0.98),
+                     "ppocr_cls": (0.75, 0.9)}  # (top-1 agreement, mean cosine)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,10 +64,42 @@ def test_quant_fuses_every_planned_op_and_keeps_outputs(key):
 
     reference = runtime.make_session(model.to_proto())
     candidate = runtime.make_session(proto)
+    if key in CLASSIFIERS:
+        agree, cosines = [], []
+        for feed in entry.inputs(CLASSIFIER_INPUTS):
+            a, b = reference.run(None, feed)[0], candidate.run(None, feed)[0]
+            agree.append(np.argmax(a.reshape(a.shape[0], -1), 1).tolist() == np.argmax(b.reshape(b.shape[0], -1), 1).tolist())
+            cosines.append(_cosine(a, b))
+        min_agreement, min_cosine = CLASSIFIER_FLOORS[key]
+        assert np.mean(agree) >= min_agreement, key
+        assert np.mean(cosines) >= min_cosine, key
+        return
     for feed in entry.inputs(INPUTS.get(key, 2)):
         for a, b in zip(reference.run(None, feed), candidate.run(None, feed)):
-            if key in CLASSIFIERS:
-                assert np.argmax(a.reshape(a.shape[0], -1), 1).tolist() == np.argmax(b.reshape(b.shape[0], -1), 1).tolist()
-                assert _cosine(a, b) >= COSINE_FLOOR.get(key, 0.9), key
-            else:
-                assert _cosine(a, b) >= 0.97, key
+            assert _cosine(a, b) >= 0.97, key
+
+
+@pytest.mark.parametrize("key", ["squeezenet", "resnet20", "superres", "fastestdet"])
+def test_pair_safe_weights_of_every_conv_run_exact_at_the_worst_input(key):
+    """Each dense conv's real weights, pair-safe for neighbouring pairs, in onnxruntime's fused
+    kernel with every input at the top of its type (the most an int16 pair can be asked to
+    hold): the same output as the unfused QDQ math. Full-range weights differ on a CPU that
+    saturates, so the check can fail."""
+    entry = zoo.get(key)
+    if entry.key not in {e.key for e in zoo.available()}:
+        pytest.skip(f"{key} not in the shared folder")
+    model = load_model(entry.model_path(), input_shapes=entry.input_shapes if entry.dynamic else None)
+    convs = [n for n in model.graph.nodes if n.op == "Conv" and hasattr(n.inputs[1], "values")
+             and int(n.attrs.get("group", 1)) == 1]
+    assert convs
+    mismatches = {"adjacent": 0, None: 0}
+    for node in convs:
+        for pairs in mismatches:
+            q, _ = qdq.quantize_weight(node.inputs[1].values, 0, pairs)
+            y_scale = max(float(np.abs(q.astype(np.int64)).reshape(q.shape[0], -1).sum(axis=1).max()) / 127.0 / 100.0, 1e-3)
+            probe = runtime._conv_probe("uint8", q, y_scale=y_scale)
+            fused, exact = runtime._probe_output(probe), runtime._probe_output(probe, optimize=False)
+            mismatches[pairs] += int(np.abs(fused - exact).max() > 1.01 * y_scale)
+    assert mismatches["adjacent"] == 0
+    if runtime.int8_products_saturate("uint8"):
+        assert mismatches[None] > 0

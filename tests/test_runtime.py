@@ -55,24 +55,35 @@ def test_working_sessions_do_not_spin_and_pinned_benchmark_sessions_keep_the_def
         pinned.get_session_config_entry("session.intra_op.allow_spinning")
 
 
-def _probe_output(act_type, weight, depthwise, optimize=True):
-    probe = runtime._saturation_probe(act_type, weight, depthwise)
-    shape = [d.dim_value for d in probe.graph.input[0].type.tensor_type.shape.dim]
-    session = runtime.make_session(probe, optimize=optimize)
-    return session.run(None, {"x": np.ones(shape, np.float32)})[0]
+def _saturation_output(act_type, weight, depthwise, optimize=True):
+    return runtime._probe_output(runtime._saturation_probe(act_type, weight, depthwise), optimize=optimize)
 
 
 @pytest.mark.parametrize("act_type", ["uint8", "int8"])
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_saturation_probe_computes_64_unfused_and_7_bit_weights_never_saturate(act_type, depthwise):
     # unfused, the QDQ math itself: 64 when the inputs and weights are at the top of their types
-    assert np.all(_probe_output(act_type, 127, depthwise, optimize=False) == 64.0)
+    assert np.all(_saturation_output(act_type, 127, depthwise, optimize=False) == 64.0)
     # fused into onnxruntime's int8 kernel, [-63, 63] weights fit an int16 pair: 64 * 63 / 127 -> 32
-    assert np.all(_probe_output(act_type, 63, depthwise) == 32.0)
+    assert np.all(_saturation_output(act_type, 63, depthwise) == 32.0)
 
 
 @pytest.mark.parametrize("act_type", ["uint8", "int8"])
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_int8_products_saturate_says_whether_the_fused_kernel_misses_64(act_type, depthwise):
-    fused = _probe_output(act_type, 127, depthwise)
+    fused = _saturation_output(act_type, 127, depthwise)
     assert runtime.int8_products_saturate(act_type, depthwise) == bool(np.any(fused != 64.0))
+
+
+@pytest.mark.parametrize("act_type", ["uint8", "int8"])
+def test_neighbouring_pairs_are_the_ones_a_saturating_kernel_overflows(act_type):
+    if not runtime.int8_products_saturate(act_type):
+        pytest.skip("this CPU's int8 kernels do not saturate, so they show no pairing")
+    assert runtime.int8_pairs_are_adjacent(act_type)
+    # channels 0 and 1 (one neighbouring pair) at 127 overflow; 0 and 2 (not a pair) do not
+    for channels, overflows in (((0, 1), True), ((0, 2), False)):
+        weights = np.full((16, 4, 3, 3), -20)
+        weights[:, list(channels)] = 127
+        probe = runtime._conv_probe(act_type, weights, y_scale=0.25)
+        fused, exact = runtime._probe_output(probe), runtime._probe_output(probe, optimize=False)
+        assert bool(np.abs(fused - exact).max() > 0.25) == overflows, channels
