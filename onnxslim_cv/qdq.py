@@ -454,19 +454,33 @@ def _top_two(values: np.ndarray) -> np.ndarray:
 
 def _safe_levels(pairs: Sequence[Tuple[np.ndarray, np.ndarray]], top: np.ndarray) -> np.ndarray:
     """Per row, the largest int8 bound (63..127) at which no (first, second) pair of the same
-    sign rounds to a sum past ``PAIR_LIMIT``; ``top`` is each row's largest |weight|."""
+    sign rounds to a sum past ``PAIR_LIMIT``; ``top`` is each row's largest |weight|.
+
+    Rounding moves a pair's sum by at most one level, so no bound above 129 * top / s passes,
+    s being the row's largest same-sign pair sum: the search starts there, a step or two above
+    the answer, instead of at 127."""
+    worst = np.zeros(top.shape[0], dtype=np.float32)
+    for first, second in pairs:
+        same = np.sign(first) == np.sign(second)
+        worst = np.maximum(worst, np.where(same, np.abs(first + second), 0).max(axis=1))
+    with np.errstate(divide="ignore"):
+        start = np.where(worst > 0, np.floor(129.0 * top / np.maximum(worst, 1e-30)), 127.0)
+    start = np.clip(start, 63, 127).astype(np.float32)
     levels = np.full(top.shape[0], 63.0, dtype=np.float32)
-    settled = np.zeros(top.shape[0], dtype=bool)
-    for bound in range(127, 63, -1):
-        scale = (top / np.float32(bound)).astype(np.float32)[:, None]
-        ok = np.ones(top.shape[0], dtype=bool)
-        for first, second in pairs:
-            a, b = np.round(first / scale), np.round(second / scale)
-            ok &= np.where(np.sign(a) == np.sign(b), np.abs(a + b), 0).max(axis=1) <= PAIR_LIMIT
-        levels[ok & ~settled] = bound
-        settled |= ok
-        if settled.all():
+    pending = np.arange(top.shape[0])
+    for step in range(65):
+        bound = start[pending] - step
+        keep = bound >= 64  # 63 always passes
+        pending, bound = pending[keep], bound[keep]
+        if pending.size == 0:
             break
+        scale = (top[pending] / bound).astype(np.float32)[:, None]
+        ok = np.ones(pending.size, dtype=bool)
+        for first, second in pairs:
+            a, b = np.round(first[pending] / scale), np.round(second[pending] / scale)
+            ok &= np.where(np.sign(a) == np.sign(b), np.abs(a + b), 0).max(axis=1) <= PAIR_LIMIT
+        levels[pending[ok]] = bound[ok]
+        pending = pending[~ok]
     return levels
 
 
