@@ -22,8 +22,9 @@ mask is chosen and the kept weights refit against ``W*`` in the metric ``G``:
    ``w^2 / [H^-1]_jj``. For a sparsity target on a layer small enough (:data:`EXACT_OBS_BUDGET`)
    each row is pruned greedily one weight at a time with ``H^-1`` updated after every removal
    (ExactOBS: Frantar, Singh & Alistarh, "Optimal Brain Compression", NeurIPS 2022), and
-   rows take more or fewer zeros by their removal costs; otherwise, and for N:M, column block
-   by column block with the SparseGPT sweep (Frantar & Alistarh, "SparseGPT: Massive Language
+   rows take more or fewer zeros by their removal costs; for N:M the same greedy closes a
+   group of M once it has lost M - N; otherwise column block by column block with the
+   SparseGPT sweep (Frantar & Alistarh, "SparseGPT: Massive Language
    Models Can Be Accurately Pruned in One-Shot", ICML 2023), which updates the not-yet-visited
    columns after each pruned one;
 2. the kept weights: the exact masked least-squares solution of every row, ``w_S =
@@ -81,7 +82,7 @@ class LayerFit:
     nm: Optional[Tuple[int, int]] = None
     mask: Optional[np.ndarray] = None  # fixed keep-mask in the weight's shape
     keep_zeros: Optional[np.ndarray] = None  # keep-mask whose False entries must stay zero
-    exact_obs: bool = True  # a sparsity target's mask by ExactOBS where affordable (else the SparseGPT sweep)
+    exact_obs: bool = True  # the mask (sparsity target or N:M) by ExactOBS where affordable (else the SparseGPT sweep)
     gram_only: bool = False  # statistics of the original inputs alone: no target, cross term or energy
     gram: Optional[np.ndarray] = None  # [G, D+b, D+b]
     cross: Optional[np.ndarray] = None  # [G, D+b, rows_per_group]
@@ -302,7 +303,8 @@ def sparsegpt_sweep(
 
 
 def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, steps: int,
-                     forced: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+                     forced: Optional[np.ndarray] = None,
+                     nm: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Each row's greedy OBS removal order and the cost of each removal, ``steps`` deep.
 
     Removing weight ``j`` with the rest refit optimally costs ``w_j^2 / [H^-1]_jj`` in the
@@ -311,7 +313,10 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
     as in Frantar, Singh & Alistarh, "Optimal Brain Compression", NeurIPS 2022). The downdates
     are kept as vectors ``v`` with ``H^-1 = H0^-1 - sum v v^T`` rather than applied to a
     ``D x D`` matrix per row: a step costs ``O(D t)``, not ``O(D^2)``. ``forced`` entries go
-    first (cost -inf). Returns (orders ``[rows, steps]``, costs ``[rows, steps]``).
+    first (cost -inf). With ``nm = (N, M)`` a group of M columns (``[kM, kM + M)``, as
+    :func:`~onnxslim_cv.sparsity.nm_mask_matrix`) stops taking removals once it has lost M - N,
+    the N:M form of the greedy in the same paper; columns outside complete prunable groups are
+    never removed. Returns (orders ``[rows, steps]``, costs ``[rows, steps]``).
     """
     rows, dim = w_star.shape
     dtype = np.float32
@@ -322,6 +327,16 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
     orders = np.zeros((rows, steps), dtype=np.int64)
     costs = np.zeros((rows, steps))
     chunk = int(max(1, min(rows, V_BYTES // max(1, 4 * steps * dim))))
+    if nm is not None:
+        n_keep, m = nm
+        group_of = np.arange(dim) // m
+        complete = np.zeros(dim // m, dtype=bool)
+        for k in range(dim // m):
+            complete[k] = bool(prunable[k * m:(k + 1) * m].all())
+        in_group = np.zeros(dim, dtype=bool)
+        in_group[:complete.size * m] = np.repeat(complete, m)
+        prunable = prunable & in_group
+        span = np.arange(m)
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         n = stop - start
@@ -331,6 +346,7 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
         out = np.broadcast_to(~prunable, (n, dim)).copy()  # removed, or never removable
         must = np.zeros((n, dim), dtype=bool) if forced is None else forced[start:stop] & prunable[None, :]
         downdates = np.zeros((n, steps, dim), dtype=dtype)
+        removed = np.zeros((n, max(1, dim // nm[1])), dtype=np.int64) if nm is not None else None
         for t in range(steps):
             saliency = w * w / d
             saliency[must] = -np.inf
@@ -347,6 +363,11 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
             d = np.maximum(d - v * v, floor)
             out[index, j] = True
             must[index, j] = False
+            if removed is not None:  # a group that has lost M - N weights is closed
+                group = group_of[j]
+                removed[index, group] += 1
+                closed = np.flatnonzero(removed[index, group] >= nm[1] - nm[0])
+                out[closed[:, None], group[closed][:, None] * nm[1] + span[None, :]] = True
     return orders, costs
 
 
@@ -386,6 +407,21 @@ def _exact_obs_keep(fit: LayerFit, key: tuple, w_star: np.ndarray, h: np.ndarray
         cached = fit._traces[key]
     orders, costs = cached
     return keep_from_traces(orders, costs, w_star.shape, int(round(fit.sparsity * rows * candidates)))
+
+
+def _exact_obs_nm_keep(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray,
+                       nm: Tuple[int, int]) -> Optional[np.ndarray]:
+    """ExactOBS N:M keep-mask of one group, or None when the layer is too large for the greedy."""
+    rows, dim = w_star.shape
+    n_keep, m = nm
+    groups = sum(1 for k in range(dim // m) if prunable[k * m:(k + 1) * m].all())
+    steps = groups * (m - n_keep)
+    if steps == 0 or rows * dim * steps * steps / 2 > EXACT_OBS_BUDGET:
+        return None
+    orders, _ = exact_obs_traces(w_star, h, prunable, steps, nm=nm)
+    keep = np.ones(w_star.shape, dtype=bool)
+    keep[np.arange(rows)[:, None], orders] = False
+    return keep
 
 
 def exact_refit(w_star: np.ndarray, h: np.ndarray, keep: np.ndarray) -> Optional[np.ndarray]:
@@ -487,6 +523,8 @@ def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp
             if fit.exact_obs and fixed is None and fit.nm is None and fit.sparsity > 0:
                 key = (g, float(damp), hash(prior.tobytes()))
                 keep = _exact_obs_keep(fit, key, w_star, h, prunable, forced)
+            elif fit.exact_obs and fixed is None and fit.nm is not None and forced is None:
+                keep = _exact_obs_nm_keep(w_star, h, prunable, fit.nm)
             if keep is None:
                 solution, keep = sparsegpt_sweep(
                     w_star, h,

@@ -98,7 +98,7 @@ class SparsifyPass(Pass):
         PassOption(
             "mask_search",
             "exactobs",
-            "with obs recovery, how a sparsity target's mask is chosen: exactobs (one weight at a time per row with the inverse Hessian updated, rows sharing the zeros by cost; layers beyond a compute budget fall back to sparsegpt), sparsegpt (column blocks, faster); N:M always uses sparsegpt",
+            "with obs recovery, how the mask is chosen: exactobs (one weight at a time per row with the inverse Hessian updated; for a sparsity target rows share the zeros by cost, for N:M each group of M closes once it has lost M-N; layers beyond a compute budget fall back to sparsegpt), sparsegpt (column blocks, faster)",
             str,
             choices=("exactobs", "sparsegpt"),
         ),
@@ -356,7 +356,7 @@ class SparsifyPass(Pass):
         pattern = f"{nm[0]}:{nm[1]}" if nm else f"{zeros / max(1, total):.1%}"
         report.notes.append(
             f"{len(fits)} layers at {pattern} ({zeros:,} of {total:,} weights), {len(skipped)} left dense; "
-            f"recovery: {'OBS refit on calibration data, masks by ' + ('sparsegpt' if nm else self.config['mask_search']) if recovery == 'obs' else 'none (magnitude only)'}"
+            f"recovery: {'OBS refit on calibration data, masks by ' + self.config['mask_search'] if recovery == 'obs' else 'none (magnitude only)'}"
         )
         relu = [f for f in fits if f.relu_refits]
         if relu:

@@ -158,6 +158,47 @@ def test_nm_refit_keeps_the_pattern_on_a_conv():
     assert fit.error < fit.error_magnitude
 
 
+def test_exact_obs_nm_holds_the_pattern_and_beats_the_sweep(monkeypatch):
+    layer = SparseLayer("c", "Conv", "w", (12, 16, 1, 1))
+    x = _correlated_inputs(dim=16, seed=5)
+    weight = np.random.default_rng(6).standard_normal(layer.shape)
+
+    def fit():
+        f = LayerFit(layer, nm=(2, 4))
+        design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+        target = x @ as_matrix(layer, weight).T
+        f.gram, f.cross, f.energy = (design.T @ design)[None], (design.T @ target)[None], np.array([np.square(target).sum()])
+        f.rows = x.shape[0]
+        return f
+
+    calls = []
+    traces = obs.exact_obs_traces
+    monkeypatch.setattr(obs, "exact_obs_traces", lambda *a, **k: calls.append(k.get("nm")) or traces(*a, **k))
+    exact = fit()
+    exact_weight, _ = solve(exact, weight, np.zeros(12))
+    assert calls == [(2, 4)]
+    assert holds_nm(layer, exact_weight, 2, 4)
+    assert (exact_weight == 0).mean() == 0.5  # exactly two of every four, the bias column untouched
+    swept = fit()
+    swept.exact_obs = False
+    swept_weight, _ = solve(swept, weight, np.zeros(12))
+    assert len(calls) == 1 and holds_nm(layer, swept_weight, 2, 4)
+    assert exact.error < 0.95 * swept.error, (exact.error, swept.error)
+
+
+def test_exact_obs_nm_closes_groups_and_skips_incomplete_ones():
+    x = _correlated_inputs(dim=10, seed=7)
+    h = x.T @ x
+    w = np.random.default_rng(9).standard_normal((5, 10))
+    prunable = np.ones(10, bool)
+    prunable[9] = False  # like a bias column: the last group [8, 12) is incomplete and left alone
+    orders, costs = exact_obs_traces(w, h, prunable, 4, nm=(2, 4))
+    for row in orders:
+        assert sorted(np.bincount(row // 4, minlength=3).tolist()) == [0, 2, 2]
+        assert row.max() < 8
+    assert np.isfinite(costs).all()
+
+
 def test_few_rows_pull_the_refit_towards_the_original_weights():
     x = _correlated_inputs(rows=20)  # fewer rows than inputs: a plain fit would memorise them
     weight = np.random.default_rng(6).standard_normal((32, 16))

@@ -63,6 +63,23 @@ def test_exactobs_masks_fit_a_layer_better_than_the_sparsegpt_sweep(name):
     assert errors["exactobs"] < 0.97 * errors["sparsegpt"], errors
 
 
+@pytest.mark.parametrize("name", ["squeezenet_fire", "resnet_basic_block"])
+def test_exactobs_nm_masks_fit_a_layer_better_than_the_sparsegpt_sweep(name):
+    proto = test_models.build(name)
+    calib = sample_data(proto, 48, seed=10)
+    errors = {}
+    for search in ("exactobs", "sparsegpt"):
+        out, report = _sparsify(proto, calib, nm="2:4", mask_search=search, relu_steps=0)
+        onnx.checker.check_model(out.to_proto())
+        rows = report.details["layers"]
+        layers = {layer.weight: layer for layer in sparsifiable_layers(out, include_first=True, include_last=True)[0]}
+        assert rows and all(holds_nm(layers[name], weight, 2, 4) for name, weight in _weights(out, report).items())
+        assert any(f"masks by {search}" in note for note in report.notes)
+        errors[search] = rows[0]["error"]  # the first layer sees the same inputs in both runs
+    # 2:4 leaves the greedy less room than a free 50% (2-4% lower error on these layers)
+    assert errors["exactobs"] < 0.99 * errors["sparsegpt"], errors
+
+
 def test_relu_steps_are_reported_and_zero_turns_them_off():
     proto = test_models.build("squeezenet_fire")
     calib = sample_data(proto, 24, seed=2)

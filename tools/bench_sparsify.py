@@ -56,6 +56,8 @@ DEFAULT_RECOVERY = ("none", "obs")
 DEFAULT_CALIB = 128
 MODES = ("uniform", "global", "sensitivity", "hessian")
 RECOVERIES = ("none", "obs")
+MASK_SEARCHES = ("exactobs", "sparsegpt")
+DEFAULT_MASK_SEARCH = "exactobs"  # the pass's default
 
 # Targets of issue 4
 TOP1_TARGET_MODELS = ("squeezenet", "resnet20")
@@ -94,8 +96,10 @@ def configs(sparsities: Sequence[float], modes: Sequence[str], nm: Optional[str]
     return runs
 
 
-def pass_options(run: Dict[str, Any], samples: int) -> Dict[str, Any]:
+def pass_options(run: Dict[str, Any], samples: int, mask_search: str = DEFAULT_MASK_SEARCH) -> Dict[str, Any]:
     options: Dict[str, Any] = {"recovery": run["recovery"], "samples": samples, "storage": "sparse"}
+    if run["recovery"] == "obs" and mask_search != DEFAULT_MASK_SEARCH:
+        options["mask_search"] = mask_search
     if run["nm"]:
         options["nm"] = run["nm"]
     else:
@@ -232,7 +236,8 @@ SEED = 0
 
 
 def run_cell(entry, data, model, fp32_path: Path, folder: Path, run: Dict[str, Any], calibration, *,
-             classifier: bool, eval_n: int, calib_n: int, eligible, feed) -> Dict[str, Any]:
+             classifier: bool, eval_n: int, calib_n: int, eligible, feed,
+             mask_search: str = DEFAULT_MASK_SEARCH) -> Dict[str, Any]:
     """One sparsify run, written, checked and evaluated; never raises (a failure is a result)."""
     from evaluate import evaluate
 
@@ -240,7 +245,7 @@ def run_cell(entry, data, model, fp32_path: Path, folder: Path, run: Dict[str, A
     from onnxslim_cv.sparsity import parse_nm
 
     cell: Dict[str, Any] = {k: run[k] for k in ("name", "label", "sparsity", "mode", "nm", "recovery")}
-    cell["options"] = pass_options(run, calib_n)
+    cell["options"] = pass_options(run, calib_n, mask_search)
     cell["status"] = "ok"
     stage = "sparsify"
     started = time.perf_counter()
@@ -328,7 +333,8 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     for run in runs:
         benchlib.progress(f"{entry.key} {run['name']} ...")
         row["cells"].append(run_cell(entry, data, model, fp32_path, folder, run, calibration, classifier=classifier,
-                                     eval_n=eval_n, calib_n=calib_n, eligible=eligible, feed=feed))
+                                     eval_n=eval_n, calib_n=calib_n, eligible=eligible, feed=feed,
+                                     mask_search=args.mask_search))
     row["seconds"] = time.perf_counter() - started
     benchlib.progress(f"{entry.key}: done in {row['seconds']:.0f} s")
     return row
@@ -570,6 +576,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to this markdown file")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the written models (prints the folder)")
+    parser.add_argument("--mask-search", default=DEFAULT_MASK_SEARCH, choices=MASK_SEARCHES,
+                        help="the obs runs' mask search (the pass's --sparsify-mask-search; default %(default)s)")
     args = parser.parse_args(argv)
     if args.calib < 1:
         raise SystemExit("error: --calib must be >= 1")
@@ -627,6 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": {
             "sparsities": args.sparsities, "modes": args.modes, "nm": args.nm, "recovery": args.recovery,
             "eval_limit": args.eval_limit, "calib": args.calib, "seed": args.seed, "fold": args.fold,
+            "mask_search": args.mask_search,
             "onnxruntime": onnxruntime.__version__,
         },
         "models": rows,
