@@ -51,7 +51,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import activations, runtime
-from .graph_utils import new_constant, replace_constant_values, sole_consumer
+from .graph_utils import replace_constant_values, sole_consumer
 from .ir import Model
 from .reconstruct import _add_bias_after, _set_bias, _stages, conv_patches, output_positions, stage_levels
 from .sparsity import SparseLayer, as_matrix, from_matrix, group_rows, nm_mask_matrix
