@@ -24,9 +24,9 @@ mask is chosen and the kept weights refit against ``W*`` in the metric ``G``:
    (ExactOBS: Frantar, Singh & Alistarh, "Optimal Brain Compression", NeurIPS 2022), and
    rows take more or fewer zeros by their removal costs; for N:M the same greedy closes a
    group of M once it has lost M - N; otherwise column block by column block with the
-   SparseGPT sweep (Frantar & Alistarh, "SparseGPT: Massive Language
-   Models Can Be Accurately Pruned in One-Shot", ICML 2023), which updates the not-yet-visited
-   columns after each pruned one;
+   SparseGPT sweep (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be
+   Accurately Pruned in One-Shot", ICML 2023), which updates the not-yet-visited columns
+   after each pruned one;
 2. the kept weights: the exact masked least-squares solution of every row, ``w_S =
    H_SS^-1 (H w*)_S``, solved batched when it fits in memory, else the sweep's weights.
 
@@ -328,14 +328,10 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
     costs = np.zeros((rows, steps))
     chunk = int(max(1, min(rows, V_BYTES // max(1, 4 * steps * dim))))
     if nm is not None:
-        n_keep, m = nm
+        keep_n, m = nm
+        complete = _complete_groups(prunable, m)
+        prunable = prunable & np.concatenate([np.repeat(complete, m), np.zeros(dim - complete.size * m, dtype=bool)])
         group_of = np.arange(dim) // m
-        complete = np.zeros(dim // m, dtype=bool)
-        for k in range(dim // m):
-            complete[k] = bool(prunable[k * m:(k + 1) * m].all())
-        in_group = np.zeros(dim, dtype=bool)
-        in_group[:complete.size * m] = np.repeat(complete, m)
-        prunable = prunable & in_group
         span = np.arange(m)
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
@@ -346,7 +342,7 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
         out = np.broadcast_to(~prunable, (n, dim)).copy()  # removed, or never removable
         must = np.zeros((n, dim), dtype=bool) if forced is None else forced[start:stop] & prunable[None, :]
         downdates = np.zeros((n, steps, dim), dtype=dtype)
-        removed = np.zeros((n, max(1, dim // nm[1])), dtype=np.int64) if nm is not None else None
+        removed = np.zeros((n, max(1, dim // m)), dtype=np.int64) if nm is not None else None
         for t in range(steps):
             saliency = w * w / d
             saliency[must] = -np.inf
@@ -366,8 +362,8 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
             if removed is not None:  # a group that has lost M - N weights is closed
                 group = group_of[j]
                 removed[index, group] += 1
-                closed = np.flatnonzero(removed[index, group] >= nm[1] - nm[0])
-                out[closed[:, None], group[closed][:, None] * nm[1] + span[None, :]] = True
+                closed = np.flatnonzero(removed[index, group] >= m - keep_n)
+                out[closed[:, None], group[closed][:, None] * m + span[None, :]] = True
     return orders, costs
 
 
@@ -409,13 +405,18 @@ def _exact_obs_keep(fit: LayerFit, key: tuple, w_star: np.ndarray, h: np.ndarray
     return keep_from_traces(orders, costs, w_star.shape, int(round(fit.sparsity * rows * candidates)))
 
 
+def _complete_groups(prunable: np.ndarray, m: int) -> np.ndarray:
+    """Which groups ``[kM, kM + M)`` of the columns lie whole inside the matrix and are all prunable."""
+    whole = prunable[:(prunable.size // m) * m]
+    return whole.reshape(-1, m).all(axis=1)
+
+
 def _exact_obs_nm_keep(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray,
                        nm: Tuple[int, int]) -> Optional[np.ndarray]:
     """ExactOBS N:M keep-mask of one group, or None when the layer is too large for the greedy."""
     rows, dim = w_star.shape
-    n_keep, m = nm
-    groups = sum(1 for k in range(dim // m) if prunable[k * m:(k + 1) * m].all())
-    steps = groups * (m - n_keep)
+    keep_n, m = nm
+    steps = int(_complete_groups(prunable, m).sum()) * (m - keep_n)
     if steps == 0 or rows * dim * steps * steps / 2 > EXACT_OBS_BUDGET:
         return None
     orders, _ = exact_obs_traces(w_star, h, prunable, steps, nm=nm)
