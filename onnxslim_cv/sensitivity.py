@@ -167,6 +167,15 @@ def _limit(data, samples: Optional[int]):
     return data
 
 
+def samples_text(data, cap: Optional[int]) -> str:
+    """How many samples a curve measured on ``data`` capped at ``cap`` sees, for report notes
+    (fewer than ``cap`` when the calibration set is smaller)."""
+    count = _count(_limit(data, cap))
+    if count is not None:
+        return f"{count} samples"
+    return f"up to {cap} samples" if cap is not None else "every sample"
+
+
 def _batches(data, size: int) -> Iterator[Dict[str, np.ndarray]]:
     return data.batches(size) if hasattr(data, "batches") else iter(data)
 

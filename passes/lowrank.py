@@ -57,8 +57,8 @@ two of them takes the lower one's factorization (the curves interpolate linearly
 they promise is never below the real one)."""
 SENSITIVITY_SAMPLES = 64
 _ALLOCATION_TEXT = {
-    "marginal": "least summed output loss (cosine, {samples} samples)",
-    "sensitivity": "equal output loss (cosine, {samples} samples)",
+    "marginal": "least summed output loss (cosine, {samples})",
+    "sensitivity": "equal output loss (cosine, {samples})",
     "error": "equal relative layer error",
 }
 MAX_METRIC_COLUMNS = 4608
@@ -421,7 +421,7 @@ class LowRankPass(Pass):
                 return result
 
             with _bar(context, len(usable), "lowrank: sensitivity", "layer") as bar:
-                measured = sensitivity.analyze_layers(model, context.calibration.limited(SENSITIVITY_SAMPLES), sparsities=levels,
+                measured = sensitivity.analyze_layers(model, context.calibration, sparsities=levels, samples=SENSITIVITY_SAMPLES,
                                                       layers=[item.layer for item in usable], progress=bar, weights_at=weights_at)
             curves_of.update({name: measured for name in names if name in MEASURED_RULES})
         if "error" in names:
@@ -462,6 +462,8 @@ class LowRankPass(Pass):
                     "target_macs": target,
                     "kept_macs": round(1.0 - result.achieved, 4),
                     "curves": [curve.to_dict() for curve in curves_of[name]],
+                    "curve_samples": (sensitivity.samples_text(context.calibration, SENSITIVITY_SAMPLES)
+                                      if name in MEASURED_RULES and context.calibration is not None else None),
                 },
             )
         return plans
@@ -470,7 +472,7 @@ class LowRankPass(Pass):
         details = dict(plan.details, **(extra or {}))
         report.details["allocation"] = details
         report.notes.append(
-            f"--target-macs {details['target_macs']:g}: per-layer budgets by {_ALLOCATION_TEXT[details['by']].format(samples=SENSITIVITY_SAMPLES)}; "
+            f"--target-macs {details['target_macs']:g}: per-layer budgets by {_ALLOCATION_TEXT[details['by']].format(samples=details['curve_samples'])}; "
             f"model keeps {details['kept_macs']:.3f} of its MACs"
         )
 

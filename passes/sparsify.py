@@ -303,14 +303,14 @@ class SparsifyPass(Pass):
         on_logits = strip_output_softmax(measured)
         with _bar(context, len(layers), "sparsify: sensitivity", "layer") as bar:
             curves = sensitivity.analyze_layers(measured, data, sparsities=levels, layers=layers, progress=bar,
-                                                weights_at=weights_at)
+                                                weights_at=weights_at, samples=SENSITIVITY_SAMPLES)
         allocation = sensitivity.allocate(curves, target=sparsity, metric="cosine", cost="params", max_level=cap)
         report.details["sensitivity"] = [curve.to_dict() for curve in curves]
         result = {layer.node: float(allocation.get(layer.node, 0.0)) for layer in layers}
         report.notes.append(
             f"--sparsity-mode {mode}: per-layer sparsity {min(result.values()):.0%}..{max(result.values()):.0%} "
             f"for {sparsity:.0%} overall, equal output loss per layer (cosine{' of the logits' if on_logits else ''}, "
-            f"{SENSITIVITY_SAMPLES} samples)"
+            f"{sensitivity.samples_text(data, SENSITIVITY_SAMPLES)})"
         )
         return result
 

@@ -423,6 +423,8 @@ def test_target_macs_is_reached(with_data, allocation):
     assert details["kept_macs"] == pytest.approx(kept, abs=1e-3)
     assert len(details["curves"]) >= 1
     assert report.details["method"] == ("data" if with_data else "weight")
+    if details["by"] in ("marginal", "sensitivity"):  # the curves saw the 8 calibration samples, not the cap of 64
+        assert any("(cosine, 8 samples)" in note for note in report.notes), report.notes
 
 
 def _summed_curve_loss(details):
