@@ -331,7 +331,6 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
         keep_n, m = nm
         complete = _complete_groups(prunable, m)
         prunable = prunable & np.concatenate([np.repeat(complete, m), np.zeros(dim - complete.size * m, dtype=bool)])
-        group_of = np.arange(dim) // m
         span = np.arange(m)
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
@@ -360,7 +359,7 @@ def exact_obs_traces(w_star: np.ndarray, h: np.ndarray, prunable: np.ndarray, st
             out[index, j] = True
             must[index, j] = False
             if removed is not None:  # a group that has lost M - N weights is closed
-                group = group_of[j]
+                group = j // m
                 removed[index, group] += 1
                 closed = np.flatnonzero(removed[index, group] >= m - keep_n)
                 out[closed[:, None], group[closed][:, None] * m + span[None, :]] = True
