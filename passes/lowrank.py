@@ -449,6 +449,8 @@ class LowRankPass(Pass):
                 f"lowrank: --target-macs {target:g} is unreachable: factoring every eligible layer at its smallest rank "
                 f"keeps {1.0 - most:.3f} of the model's MACs ({len(usable)} layers eligible)"
             )
+        measured_on = (sensitivity.samples_text(context.calibration, SENSITIVITY_SAMPLES)
+                       if context.calibration is not None else None)
         plans = {}
         for name in names:
             result = sensitivity.allocate(curves_of[name], target=max(0.0, 1.0 - target), metric="cosine", cost="macs",
@@ -462,8 +464,7 @@ class LowRankPass(Pass):
                     "target_macs": target,
                     "kept_macs": round(1.0 - result.achieved, 4),
                     "curves": [curve.to_dict() for curve in curves_of[name]],
-                    "curve_samples": (sensitivity.samples_text(context.calibration, SENSITIVITY_SAMPLES)
-                                      if name in MEASURED_RULES and context.calibration is not None else None),
+                    "curve_samples": measured_on if name in MEASURED_RULES else None,
                 },
             )
         return plans
