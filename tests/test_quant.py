@@ -20,7 +20,7 @@ from onnxslim_cv.testing import models as test_models
 from onnxslim_cv.testing import zoo
 
 from .conftest import assert_one_line_error, sha256, with_scalar_clip_bounds
-from .test_qdq import _neighbour_pair_max
+from .test_qdq import _neighbour_pair_max, _same_sign_pair_max
 
 SAMPLES = 16
 
@@ -383,11 +383,8 @@ def test_safe_weight_range_leaves_depthwise_convs_full():
     inits = _initializers(out.to_proto())
     for row in report.details["weights"]:
         q = inits[row["weight"] + "_quantized"].astype(np.int64)
-        rows = q.reshape(q.shape[0], -1)
-        top_two = [np.sort(np.where(sign * rows > 0, sign * rows, 0), axis=1)[:, -2:].sum(axis=1) for sign in (1, -1)]
-        worst = int(max(t.max() for t in top_two))
         if row["weight_range"] == "pair-safe (any pairs)":
-            assert worst <= 128
+            assert _same_sign_pair_max(q) <= 128
         elif row["weight_range"] == "pair-safe (adjacent pairs)":
             assert _neighbour_pair_max(q) <= 128
         else:
