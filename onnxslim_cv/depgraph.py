@@ -561,20 +561,38 @@ class _Builder:
         x, weight = node.inputs[0], _const(_input(node, 1))
         layout = self.lay(x)
         group = int(node.attrs.get("group", 1))
-        if weight is None or group != 1:
-            self.freeze_inputs(node, "grouped or non-constant ConvTranspose")
+        if weight is None or weight.ndim < 3:
+            self.freeze_inputs(node, "weight is not a constant")
             return
-        in_ids = None
-        if layout is not None:
-            if layout.axis != 1:
-                self.dg.freeze(layout.ids, f"ConvTranspose {node.name}: input channels are not on axis 1")
-            else:
-                self.member(node, 1, 0, layout.ids, "in", x.name)
-                in_ids = layout.ids
-        out_ids = self.dg.new_ids(weight.shape[1], node.name)
-        self.member(node, 1, 1, out_ids, "out")
+        if layout is not None and layout.axis != 1:
+            self.dg.freeze(layout.ids, f"ConvTranspose {node.name}: input channels are not on axis 1")
+            layout = None
+        cout_g = weight.shape[1]
+        out_ids = self.dg.new_ids(cout_g * group, node.name)
         if _input(node, 2) is not None:
             self.member(node, 2, 0, out_ids, "out")
+        in_ids = None
+        if group == 1:
+            self.member(node, 1, 1, out_ids, "out")
+            if layout is not None:
+                self.member(node, 1, 0, layout.ids, "in", x.name)
+                in_ids = layout.ids
+        else:
+            # weight [Cin, Cout/group, k...]: group k maps input rows k*cin_g.. to output
+            # channels k*cout_g..; like a grouped Conv, only whole groups can go, and then
+            # the weight loses the group's rows (axis 0), never columns.
+            cin_g = weight.shape[0] // group
+            if layout is None or weight.shape[0] % group or len(layout.ids) != weight.shape[0]:
+                self.dg.freeze(out_ids, f"ConvTranspose {node.name}: grouped on channels that cannot be pruned")
+                if layout is not None:
+                    self.dg.freeze(layout.ids, f"ConvTranspose {node.name}: grouped on channels that cannot be pruned")
+            else:
+                for k in range(group):
+                    self.dg.unify_all(
+                        np.concatenate([layout.ids[k * cin_g : (k + 1) * cin_g], out_ids[k * cout_g : (k + 1) * cout_g]])
+                    )
+                self.member(node, 1, 0, layout.ids, "out")
+                self.fixup("conv_group", node, ids=out_ids, per_group=cout_g)
         self.weight_layer(node, in_ids, out_ids)
         self.set(node.outputs[0], 1, out_ids)
 

@@ -139,6 +139,25 @@ def test_grouped_conv_units_are_whole_groups():
     assert len(group.units) == 4 and group.channels == 16
 
 
+@pytest.mark.parametrize("groups", [2, 4, 16])
+def test_grouped_conv_transpose_loses_whole_groups_exactly(groups):
+    proto = test_models.build("conv_transpose", channels=16, groups=groups, batch="N")
+    model = _folded(proto)
+    dg = build_dependency_graph(model)
+    deconv = next(n for n in model.graph.nodes if n.op == "ConvTranspose")
+    (group,) = dg.group_of(deconv.name)
+    assert group.prunable and len(group.units) == groups and group.channels == 16
+    pruned, _, removed, predicted = _assert_exact_removal(proto, test_models.sample_inputs(proto, batch=2), fraction=0.5)
+    deconv = next(n for n in pruned.graph.nodes if n.op == "ConvTranspose")
+    lost = len(set(removed) & set(int(u) for u in group.units))
+    assert lost == groups // 2
+    assert deconv.attrs["group"] == groups - lost
+    assert deconv.inputs[1].values.shape[:2] == (16 - 16 // groups * lost, 16 // groups)
+    from onnxslim_cv.stats import model_stats
+
+    assert predicted == model_stats(pruned, refresh_shapes=True).macs
+
+
 def test_channel_shuffle_and_reduction_over_channels_freeze_with_a_reason():
     dg = build_dependency_graph(_folded(test_models.build("channel_shuffle")))
     reasons = [r for g in dg.groups for r in g.frozen]

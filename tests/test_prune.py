@@ -178,6 +178,18 @@ def test_lsq_refits_conv_transpose_consumers():
     assert errors["lsq"] < errors["bias"] < errors["none"], errors
 
 
+def test_grouped_conv_transpose_prunes_whole_groups_and_refits_its_consumer():
+    proto = test_models.build("conv_transpose", channels=16, groups=4)
+    feed = test_models.sample_inputs(proto, batch=4, seed=3)
+    errors, report = _errors_by_recovery(proto, _calibration(proto, 24, seed=50), feed, ratio=0.5, round_to=1, criterion="l2")
+    out, _ = _prune(proto, None, ratio=0.5, round_to=1)
+    (deconv,) = [n for n in out.graph.nodes if n.op == "ConvTranspose"]
+    assert deconv.attrs["group"] == 2 and deconv.inputs[1].values.shape[:2] == (8, 4)
+    rows = {row["layer"]: row for row in report.details["reconstruction"]}
+    assert rows and all("skipped" not in row for row in rows.values()), rows
+    assert errors["lsq"] < errors["none"], errors
+
+
 def test_nothing_prunable_leaves_the_model_unchanged():
     proto = test_models.build("channel_shuffle")
     model = Model.from_proto(proto)

@@ -196,12 +196,12 @@ class _GraphBuilder:
         )
 
     def conv_transpose(
-        self, x: str, cin: int, cout: int, kernel: int, *, stride: int, pad: int, bias: bool = False
+        self, x: str, cin: int, cout: int, kernel: int, *, stride: int, pad: int, bias: bool = False, group: int = 1
     ) -> str:
         name = self.fresh("deconv")
-        # Each output pixel sums cin * (kernel / stride)^2 products: scale for that fan-in.
-        fan_in = max(1, round(cin * (kernel / stride) ** 2))
-        inputs = [x, self.initializer(f"{name}.weight", self._he_normal((cin, cout, kernel, kernel), fan_in))]
+        # Each output pixel sums cin / group * (kernel / stride)^2 products: scale for that fan-in.
+        fan_in = max(1, round(cin // group * (kernel / stride) ** 2))
+        inputs = [x, self.initializer(f"{name}.weight", self._he_normal((cin, cout // group, kernel, kernel), fan_in))]
         if bias:
             inputs.append(self.initializer(f"{name}.bias", self._bias(cout, fan_in)))
         return self.node(
@@ -209,7 +209,7 @@ class _GraphBuilder:
             inputs,
             name,
             dilations=[1, 1],
-            group=1,
+            group=group,
             kernel_shape=[kernel, kernel],
             pads=[pad] * 4,
             strides=[stride, stride],
@@ -805,18 +805,22 @@ def conv_transpose(
     image_size: int = 16,
     channels: int = 8,
     kernel_size: int = 4,
+    groups: int = 1,
 ) -> onnx.ModelProto:
-    """Bias-free ConvTranspose + BN: its weight is [Cin, Cout, k, k], so BN scales axis 1.
+    """Bias-free ConvTranspose + BN: its weight is [Cin, Cout / groups, k, k], so BN scales axis 1.
 
     Stride-2 conv-bn-relu -> ConvTranspose (stride 2, even kernel, pads (k-2)/2, restores the
-    input size) -> BN -> Relu -> 3x3 conv -> ``output``.
+    input size; ``groups`` > 1 makes it grouped, as in learned depthwise upsampling) -> BN ->
+    Relu -> 3x3 conv -> ``output``.
     """
     if kernel_size < 2 or kernel_size % 2:
         raise ValueError(f"conv_transpose: kernel_size must be even and >= 2, got {kernel_size}")
+    if groups < 1 or channels % groups:
+        raise ValueError(f"conv_transpose: groups must divide channels, got {groups}, {channels}")
     _check_divisible("conv_transpose", image_size, 2)
     g = _GraphBuilder("conv_transpose", opset=opset, seed=seed, batch=batch)
     x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
-    x = g.conv_transpose(x, channels, channels, kernel_size, stride=2, pad=(kernel_size - 2) // 2)
+    x = g.conv_transpose(x, channels, channels, kernel_size, stride=2, pad=(kernel_size - 2) // 2, group=groups)
     x = g.relu(g.bn(x, channels))
     g.conv(x, channels, IN_CHANNELS, 3, output="output")
     return g.finish(image_size, ["output"])
