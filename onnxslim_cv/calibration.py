@@ -176,6 +176,79 @@ class CalibrationData:
         return self._total  # type: ignore[return-value]
 
 
+# --------------------------------------------------------------------------------------------
+# Mirrored copies (more rows for the refits when calibration images are few)
+# --------------------------------------------------------------------------------------------
+
+MIRRORS = ("none", "hflip", "flips")
+"""``hflip``: each sample and its left-right mirror (2x); ``flips``: also upside down and both (4x)."""
+
+
+def image_axes(spec: TensorSpec) -> Optional[tuple[int, int]]:
+    """(height axis, width axis) of a batched float image input, NCHW or NHWC; None otherwise.
+
+    The layout is read from the fixed channel dim (1 to 4 channels at axis 1 or 3, the other
+    position not); anything else (feature vectors, tokens, ambiguous shapes) is not mirrored.
+    """
+    shape = spec.shape
+    if shape is None or len(shape) != 4 or not np.issubdtype(np.dtype(spec.dtype), np.floating):
+        return None
+
+    def few(dim: Any) -> bool:
+        return _is_fixed(dim) and 1 <= int(dim) <= 4
+
+    if few(shape[1]) and not few(shape[3]):
+        return 2, 3
+    if few(shape[3]) and not few(shape[1]):
+        return 1, 2
+    return None
+
+
+def mirrored(data: CalibrationData, kind: str) -> tuple[CalibrationData, Optional[str]]:
+    """``data`` followed, sample by sample, by its mirror images; (data, None) or (``data``, why not).
+
+    Least-squares refits and loss curves measured on 10-20 images fit those images' activations
+    and overfit: on PP-OCR det pruned to 0.515 of its MACs from 10 images, adding their
+    horizontal mirrors raised the map IoU against fp32 from 0.14 to 0.70 (all four flips:
+    0.77); FastestDet at 0.60, F1 0.06 -> 0.20 (tools/bench_prune.py protocol). A mirrored
+    photo is still a plausible input for these statistics, which is all the refit needs.
+    """
+    if kind not in MIRRORS:
+        raise UserError(f"mirroring {kind!r}: choose one of {', '.join(MIRRORS)}")
+    if kind == "none":
+        return data, "not asked for"
+    axes = {spec.name: image_axes(spec) for spec in data.specs}
+    plain = [name for name, ax in axes.items() if ax is None]
+    if plain:
+        return data, f"input {plain[0]} is not an NCHW / NHWC float image"
+    flips: list[tuple[bool, bool]] = [(False, True)] + ([(True, False), (True, True)] if kind == "flips" else [])
+
+    def flipped(item: Item, vertical: bool, horizontal: bool) -> Item:
+        out = {}
+        for name, array in item.items():
+            height, width = axes[name]
+            index = [slice(None)] * array.ndim
+            if vertical:
+                index[height] = slice(None, None, -1)
+            if horizontal:
+                index[width] = slice(None, None, -1)
+            out[name] = np.ascontiguousarray(array[tuple(index)])
+        return out
+
+    def open_items() -> Iterator[tuple[str, Item]]:
+        for i, item in enumerate(data):
+            yield f"sample {i}", item
+            for vertical, horizontal in flips:
+                yield f"sample {i} mirrored", flipped(item, vertical, horizontal)
+
+    count = data.count()
+    label = "left-right mirrors" if kind == "hflip" else "mirrors and flips"
+    return CalibrationData(
+        data.specs, open_items, description=f"{data.description} + {label} ({kind})",
+        total=None if count is None else count * (1 + len(flips)), kind=data.kind,
+    ), None
+
+
 def _concat(pieces: list[Item]) -> Item:
     if len(pieces) == 1:
         return pieces[0]

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_cv import activations, channel_obs
+from onnxslim_cv import activations, calibration, channel_obs
 from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency_graph, prune_channels
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
@@ -64,6 +64,10 @@ below: a consumer's input covariance from a few images is poorly estimated and t
 follows correlations that do not hold elsewhere. Measured by tools/bench_prune.py: with 250-256
 samples obs gained 1-3 points on SqueezeNet and ResNet-20; with the detectors' 10-20 it lost
 PP-OCR det 0.93 -> 0.63 IoU at 0.84 of the MACs and was mixed elsewhere."""
+MIRROR_BELOW = 64
+"""``--prune-calib-mirror auto`` adds left-right mirrors below this many calibration samples
+(:func:`onnxslim_cv.calibration.mirrored`); above, the refits have rows enough."""
+MIRRORS = ("auto",) + calibration.MIRRORS
 
 
 def _fraction(low_open: bool, high_open: bool, what: str):
@@ -139,6 +143,14 @@ class PrunePass(Pass):
         ),
         PassOption("samples", 256, "calibration samples used for importance and recovery", positive_int, metavar="N"),
         PassOption(
+            "calib_mirror",
+            "auto",
+            "also fit on mirrored calibration images: hflip (left-right, 2x the samples), flips (and upside down, 4x), "
+            f"none; auto = hflip under {MIRROR_BELOW} samples, where refits from few images overfit (image inputs only)",
+            str,
+            choices=MIRRORS,
+        ),
+        PassOption(
             "allocation",
             "auto",
             "how --prune-target-macs is shared among groups: ranking (one global importance ranking, no data needed); "
@@ -197,6 +209,9 @@ class PrunePass(Pass):
         report = PassReport(self.name, options=dict(self.config))
         config = self.config
         data = context.calibration.limited(config["samples"]) if context.calibration is not None else None
+        images = data.count() if data is not None else None  # before mirroring: what the criterion choice reads
+        if data is not None:
+            data = _mirrored(data, config["calib_mirror"], report)
         recovery = config["recovery"]
         if recovery == "auto":
             recovery = "lsq" if data is not None else "none"
@@ -204,7 +219,7 @@ class PrunePass(Pass):
             raise UserError(f"prune: --prune-recovery {recovery} needs calibration data (--calib)")
         criterion = config["criterion"]
         if criterion == "auto":
-            criterion = "l2" if data is None else "obs" if (data.count() or OBS_MIN_SAMPLES) >= OBS_MIN_SAMPLES else "reconstruction"
+            criterion = "l2" if data is None else "obs" if (images or OBS_MIN_SAMPLES) >= OBS_MIN_SAMPLES else "reconstruction"
         if criterion in DATA_CRITERIA and data is None:
             raise UserError(f"prune: --prune-criterion {criterion} needs calibration data (--calib)")
         allocation = config["allocation"]
@@ -416,6 +431,21 @@ def _consumer_moments(model: Model, dg: DependencyGraph, data, context: PassCont
     batches = None if total is None else -(-total // activations.DEFAULT_BATCH)
     with _bar(context, batches, "prune: activation statistics", "batch") as bar:
         return activations.channel_moments(model, axes, data, progress=bar)
+
+
+def _mirrored(data, kind: str, report: PassReport):
+    """The calibration data with mirrored copies, as ``--prune-calib-mirror`` asks; noted in the report."""
+    count = data.count()
+    if kind == "auto":
+        if count is not None and count >= MIRROR_BELOW:
+            return data
+        kind = "hflip"
+    mirrored, why_not = calibration.mirrored(data, kind)
+    if why_not is None:
+        report.notes.append(f"calibration: {mirrored.description}, {mirrored.count() or 'all'} samples for the curves and refits")
+    elif kind != "none":
+        report.notes.append(f"calibration: no mirroring ({why_not})")
+    return mirrored
 
 
 # ----------------------------------------------------------------------------------------------

@@ -779,3 +779,52 @@ def test_data_from_args(tmp_path):
     save_png(tmp_path / "img" / "a.png")
     images = data_from_args(parse("--calib", str(tmp_path / "img"), "--scale", "1/255"), [spec(shape=(1, 3, 4, 6))])
     np.testing.assert_allclose(next(iter(images))["x"].max(), 200 / 255, rtol=1e-6)
+
+
+# -- mirrored copies --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, axes",
+    [
+        ((1, 3, 32, 48), F32, (2, 3)),
+        (("N", 3, "H", "W"), F32, (2, 3)),
+        ((1, 32, 48, 3), F32, (1, 2)),
+        ((1, 1, 28, 28), F32, (2, 3)),
+        ((1, 3, 32, 3), F32, None),  # ambiguous
+        ((1, 3, 32, 48), np.dtype(np.uint8), None),
+        ((1, 3, 32), F32, None),
+        ((1, 16, 8, 8), F32, None),  # a feature map, not an image
+    ],
+)
+def test_image_axes_read_the_layout_from_the_channel_dim(shape, dtype, axes):
+    assert cal.image_axes(TensorSpec("x", shape, dtype)) == axes
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("kind, copies", [("hflip", 2), ("flips", 4)])
+def test_mirrored_yields_each_sample_then_its_flips(layout, kind, copies):
+    shape = (1, 3, 6, 5) if layout == "nchw" else (1, 6, 5, 3)
+    h, w = (2, 3) if layout == "nchw" else (1, 2)
+    items = [{"x": np.arange(90, dtype=np.float32).reshape(shape) + 100 * i} for i in range(3)]
+    data, why_not = cal.mirrored(from_iterable(items, [TensorSpec("x", shape, F32)]), kind)
+    assert why_not is None
+    got = [item["x"] for item in data]
+    assert data.count() == 3 * copies and len(got) == 3 * copies
+    for i, item in enumerate(items):
+        x = item["x"]
+        expected = [x, np.flip(x, w)] + ([np.flip(x, h), np.flip(np.flip(x, h), w)] if kind == "flips" else [])
+        for a, b in zip(got[i * copies : (i + 1) * copies], expected):
+            np.testing.assert_array_equal(a, b)
+    assert kind in data.description
+    assert len(list(data.limited(4))) == 4
+
+
+def test_mirrored_leaves_non_images_and_none_alone():
+    data = from_iterable([{"x": np.zeros((1, 16), np.float32)}], [TensorSpec("x", (1, 16), F32)])
+    same, why_not = cal.mirrored(data, "hflip")
+    assert same is data and "not an NCHW / NHWC float image" in why_not
+    same, why_not = cal.mirrored(data, "none")
+    assert same is data and why_not == "not asked for"
+    with pytest.raises(UserError, match="choose one of none, hflip, flips"):
+        cal.mirrored(data, "rotate")

@@ -297,7 +297,8 @@ def test_auto_allocation_keeps_the_candidate_with_the_lowest_calibration_loss():
 
     proto = test_models.build("resnet_bottleneck_block")
     calib = _calibration(proto, 16)
-    out, report = _prune(proto, calib, target_macs=0.6, round_to=1)  # allocation auto is the default
+    # allocation auto is the default; no mirrors, so the loss below is on the same samples
+    out, report = _prune(proto, calib, target_macs=0.6, round_to=1, calib_mirror="none")
     details = report.details["allocation"]
     rows = details["candidates"]
     assert list(rows) == ["ranking", "sensitivity", "marginal"] and details["samples"] == 16
@@ -335,3 +336,25 @@ def test_sensitivity_allocation_needs_a_macs_target_and_calibration_data():
         _prune(test_models.build("conv_chain"), None, target_macs=0.6, allocation="sensitivity")
     with pytest.raises(UserError, match="choose one of auto, ranking, sensitivity, marginal"):
         make_passes(["prune"], {"prune": {"target_macs": 0.6, "allocation": "aimet"}})
+
+
+def test_mirrored_calibration_lowers_the_held_out_error_when_images_are_few():
+    proto = test_models.build("resnet_bottleneck_block")
+    feed = test_models.sample_inputs(proto, batch=16, seed=99)
+    reference = _outputs(proto, feed)[0]
+    calib = _calibration(proto, 2, seed=5)
+    errors, notes = {}, {}
+    for mirror in ("none", "auto", "flips"):
+        out, report = _prune(proto, calib, ratio=0.5, round_to=1, criterion="l2", calib_mirror=mirror)
+        errors[mirror] = _relative_error(reference, _outputs(out, feed)[0])
+        notes[mirror] = [n for n in report.notes if n.startswith("calibration:")]
+    assert errors["auto"] < 0.9 * errors["none"] and errors["flips"] < 0.9 * errors["none"], errors
+    assert notes["none"] == [] and "(hflip), 4 samples" in notes["auto"][0] and "(flips), 8 samples" in notes["flips"][0]
+
+
+def test_mirroring_stops_at_enough_samples():
+    proto = test_models.build("resnet_bottleneck_block")
+    _, report = _prune(proto, _calibration(proto, 64), ratio=0.5, round_to=1, criterion="l2", recovery="bias")
+    assert not [n for n in report.notes if n.startswith("calibration:")]
+    _, report = _prune(proto, _calibration(proto, 63), ratio=0.5, round_to=1, criterion="l2", recovery="bias")
+    assert [n for n in report.notes if n.startswith("calibration:")]
