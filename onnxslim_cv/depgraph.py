@@ -583,9 +583,10 @@ class _Builder:
             # the weight loses the group's rows (axis 0), never columns.
             cin_g = weight.shape[0] // group
             if layout is None or weight.shape[0] % group or len(layout.ids) != weight.shape[0]:
-                self.dg.freeze(out_ids, f"ConvTranspose {node.name}: grouped on channels that cannot be pruned")
+                why = f"ConvTranspose {node.name}: grouped on channels that cannot be pruned"
+                self.dg.freeze(out_ids, why)
                 if layout is not None:
-                    self.dg.freeze(layout.ids, f"ConvTranspose {node.name}: grouped on channels that cannot be pruned")
+                    self.dg.freeze(layout.ids, why)
             else:
                 for k in range(group):
                     self.dg.unify_all(

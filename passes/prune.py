@@ -211,7 +211,7 @@ class PrunePass(Pass):
         data = context.calibration.limited(config["samples"]) if context.calibration is not None else None
         images = data.count() if data is not None else None  # before mirroring: what the criterion choice reads
         if data is not None:
-            data = _mirrored(data, config["calib_mirror"], report)
+            data = _mirrored(data, images, config["calib_mirror"], report)
         recovery = config["recovery"]
         if recovery == "auto":
             recovery = "lsq" if data is not None else "none"
@@ -433,9 +433,8 @@ def _consumer_moments(model: Model, dg: DependencyGraph, data, context: PassCont
         return activations.channel_moments(model, axes, data, progress=bar)
 
 
-def _mirrored(data, kind: str, report: PassReport):
-    """The calibration data with mirrored copies, as ``--prune-calib-mirror`` asks; noted in the report."""
-    count = data.count()
+def _mirrored(data, count: Optional[int], kind: str, report: PassReport):
+    """The calibration data (``count`` samples) with mirrored copies, as ``--prune-calib-mirror`` asks; noted in the report."""
     if kind == "auto":
         if count is not None and count >= MIRROR_BELOW:
             return data
