@@ -293,10 +293,12 @@ class SparsifyPass(Pass):
                 obs.collect_statistics(model, list(fits.values()), context.calibration.limited(config["samples"]),
                                        seed=context.seed, progress=bar)
 
-            def weights_at(layer, weight, levels):
+            def refit_at(layer, weight, levels):
                 if layer.weight not in fits:  # magnitude only, like the pass will do
                     return sensitivity.masked_weights(weight, levels)
                 return obs.refit_weights(fits[layer.weight], weight, levels)
+
+            weights_at = refit_at
 
         data = context.calibration.limited(SENSITIVITY_SAMPLES)
         measured = model.copy()  # a classifier's curves on its logits (see strip_output_softmax)
