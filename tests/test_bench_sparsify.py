@@ -54,6 +54,16 @@ def test_mnist_small_run(bench_sparsify, tmp_path, capsys):
     for name in ("nm2of4.none", "nm2of4.obs"):
         nm = cells[name]["nm_check"]
         assert nm["ok"] and nm["hold"] == nm["layers"] == nm["eligible"] == 1
+    for cell in cells.values():  # a classifier is also compared with fp32: agreement and KL
+        agreement = cell["quality"]["agreement"]
+        assert 0.9 < agreement["top1_agreement"] <= 1 and 0 <= agreement["kl_mean"] < 1, agreement
+
+
+def test_closeness_text_reads_agreement_and_kl(bench_sparsify):
+    cell = {"quality": {"agreement": {"top1_agreement": 0.88, "cosine_mean": 0.99, "kl_mean": 0.05548}}}
+    assert bench_sparsify.closeness_text(cell) == "; top-1 agreement with fp32 88.00%, KL 0.0555"
+    assert bench_sparsify.closeness_text({"quality": {"agreement": None}}) == ""
+    assert bench_sparsify.closeness_text({"status": "error"}) == ""
 
 
 def test_nm_check_catches_a_broken_pattern(bench_sparsify):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from .conftest import load_tool
 
@@ -39,3 +40,20 @@ def test_classification_records_which_images_were_right_in_order():
     assert result["top1_hits"] == "10101"
     assert result["metrics"]["correct"] == 3 and result["samples"] == 5
     assert result["agreement"]["top1_agreement"] == 0.6  # the reference is always right here
+    # one-hot "probabilities": where they agree nothing moved, where they differ the KL is log(1/eps)-sized
+    assert 0 < result["agreement"]["kl_mean"]
+
+
+def test_kl_divergence_reads_logits_and_probabilities_alike():
+    evaluate = load_tool("evaluate")
+    logits = np.array([2.0, 0.5, -1.0, 0.0])
+    probabilities = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(evaluate.as_probabilities(logits), probabilities)
+    np.testing.assert_array_equal(evaluate.as_probabilities(probabilities), probabilities)  # a Softmax output kept
+    assert evaluate.kl_divergence(logits, logits) == 0.0
+    assert evaluate.kl_divergence(probabilities, logits) < 1e-12
+    flatter = logits / 2
+    p, q = probabilities, np.exp(flatter) / np.exp(flatter).sum()
+    expected = float(np.sum(p * np.log(p / q)))
+    assert evaluate.kl_divergence(logits, flatter) == pytest.approx(expected, rel=1e-9)
+    assert evaluate.kl_divergence(flatter, logits) != pytest.approx(expected, rel=1e-3)  # not symmetric

@@ -64,6 +64,22 @@ def mean_cosine(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) 
     return float(np.mean([cosine(o, r) for o, r in zip(outputs, reference)]))
 
 
+def as_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Class scores as probabilities: kept when they already are (a Softmax output), else softmaxed (logits)."""
+    x = np.asarray(scores, np.float64).ravel()
+    if x.size and x.min() >= 0 and abs(x.sum() - 1.0) <= 1e-3:
+        return x
+    x = np.exp(x - x.max())
+    return x / x.sum()
+
+
+def kl_divergence(reference: np.ndarray, candidate: np.ndarray, eps: float = 1e-12) -> float:
+    """KL(reference || candidate) of two class-score vectors, in nats: how far the candidate's
+    whole distribution moved, where top-1 agreement only sees the argmax."""
+    p, q = as_probabilities(reference), as_probabilities(candidate)
+    return float(np.sum(p * (np.log(p + eps) - np.log(q + eps))))
+
+
 def psnr(image: np.ndarray, target: np.ndarray, peak: float = 1.0) -> float:
     mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(target, np.float64)) ** 2))
     return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
@@ -160,6 +176,7 @@ class _Runner:
 def _classification(entry, run: _Runner, limit) -> Dict[str, Any]:
     n = correct1 = correct5 = agree = 0
     cosines: List[float] = []
+    divergences: List[float] = []
     hits: List[str] = []
     classes = None
     for feed, label in entry.labelled(limit):
@@ -174,6 +191,7 @@ def _classification(entry, run: _Runner, limit) -> Dict[str, Any]:
         if ref is not None:
             agree += int(ref[0].reshape(-1).argmax() == ranked[0])
             cosines.append(mean_cosine(outputs, ref))
+            divergences.append(kl_divergence(ref[0], scores))
     metrics: Dict[str, Any] = {"top1": correct1 / n if n else None, "correct": correct1}
     summary = f"top-1 {benchlib.percent(metrics['top1'])} ({correct1}/{n})"
     if classes and classes >= TOP5_MIN_CLASSES:
@@ -183,7 +201,8 @@ def _classification(entry, run: _Runner, limit) -> Dict[str, Any]:
               "primary": {"name": "top-1", "value": metrics["top1"], "text": benchlib.percent(metrics["top1"])},
               "top1_hits": "".join(hits)}  # per sample, in order: for paired comparisons of two models
     if run.reference is not None:
-        result["agreement"] = {"top1_agreement": agree / n if n else None, "cosine_mean": float(np.mean(cosines))}
+        result["agreement"] = {"top1_agreement": agree / n if n else None, "cosine_mean": float(np.mean(cosines)),
+                               "kl_mean": float(np.mean(divergences))}
         result["agreement_primary"] = {
             "name": "top-1 agreement", "value": agree / n if n else None, "text": benchlib.percent(agree / n if n else None)
         }
