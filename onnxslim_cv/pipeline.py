@@ -29,6 +29,16 @@ def positive_int(value) -> int:
     return number
 
 
+def auto_or_positive_int(value) -> Any:
+    """PassOption parser: ``auto`` or an integer >= 1 (the channel / rank steps)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be 'auto' or a positive integer")
+    return number
+
+
 def non_negative_int(value) -> int:
     """PassOption parser: an integer >= 0."""
     number = int(value)

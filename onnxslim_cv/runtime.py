@@ -71,6 +71,24 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+@functools.lru_cache(maxsize=None)
+def native_block_size() -> int:
+    """Channel block of onnxruntime's NCHWc conv kernels on this CPU (16 on AVX-512, else 8).
+
+    A conv whose channel counts are not multiples of it computes the padded count, and one
+    narrower than it reads plain NCHW (a layout switch before it): counts in multiples of the
+    block are the ones whose time follows their MACs.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return 16 if " avx512f" in line else 8
+    except OSError:
+        pass
+    return 8
+
+
 def check_runtime_can_load(model: onnx.ModelProto, what: str) -> None:
     """Refuse a model whose IR version or opset the installed onnxruntime cannot load."""
     if model.ir_version > max_ir_version():

@@ -48,9 +48,11 @@ from onnxslim_cv import activations, calibration, channel_obs
 from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency_graph, prune_channels
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, read_json_object, regex, register_pass
+from onnxslim_cv.pipeline import (Pass, PassContext, PassOption, PassReport, auto_or_positive_int, positive_int, read_json_object,
+                                  regex, register_pass)
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.reconstruct import Consumer, SliceCache, bias_compensation, reconstructable, refit_or_compensate
+from onnxslim_cv.runtime import native_block_size
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction", "obs")
 RECOVERY = ("auto", "none", "bias", "lsq")
@@ -84,27 +86,6 @@ def _fraction(low_open: bool, high_open: bool, what: str):
     return parse
 
 
-def _round_to(value) -> Any:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be 'auto' or a positive integer")
-    return number
-
-
-def native_block_size() -> int:
-    """Channel block of onnxruntime's NCHWc conv kernels on this CPU (16 on AVX-512, else 8)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return 16 if " avx512f" in line else 8
-    except OSError:
-        pass
-    return 8
-
-
 @register_pass
 class PrunePass(Pass):
     name = "prune"
@@ -126,7 +107,7 @@ class PrunePass(Pass):
             "auto",
             "keep channel counts at multiples of this (rounded up); auto = the CPU's conv block, 16 on AVX-512, else 8, "
             "finer only in the groups a --prune-target-macs cannot be met without (the report says how many); 1 = off",
-            _round_to,
+            auto_or_positive_int,
             metavar="N",
             aliases=("--round-to",),
         ),
