@@ -25,6 +25,12 @@ layers are then factored stage by stage on the model factored so far, the target
 original layer's output, with the last factor and the bias refit by least squares on those
 calibration activations (as ``prune`` and ``sparsify`` reconstruct).
 
+Ranks are multiples of ``--lowrank-round-to``; ``auto`` (the default) is onnxruntime's conv
+channel block on this CPU (8 on AVX2, 16 on AVX-512): a factor of 12 channels computes 16, and
+one of 4 is read in plain NCHW after a layout switch, so other ranks run slower than their
+MACs say. When ``--target-macs`` cannot be met at the block, the step halves in the narrowest
+layers first, only as far as the target needs (as ``prune --prune-round-to auto`` does).
+
 Emitted as plain Conv / Gemm / MatMul nodes (a MatMul whose refit added a bias gets an Add).
 """
 
@@ -42,9 +48,10 @@ from onnxslim_cv.errors import UserError
 from onnxslim_cv.factorize import Candidate, LayerFactorizer, LayerShape
 from onnxslim_cv.graph_utils import name_nodes, new_constant
 from onnxslim_cv.ir import Model
-from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, regex, register_pass
+from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, auto_or_positive_int, positive_int, regex, register_pass
 from onnxslim_cv.pipeline import progress_bar as _bar
 from onnxslim_cv.reconstruct import _add_bias_after, conv_geometry
+from onnxslim_cv.runtime import native_block_size
 from onnxslim_cv.sparsity import SparseLayer, sparsifiable_layers
 
 METHODS = ("auto", "weight", "data")
@@ -106,6 +113,8 @@ class LowRankLayer:
     error: float = float("nan")  # relative output error after the refit (data) or weight error
     error_factored: float = float("nan")  # the same before the refit of the last factor
     note: Optional[str] = None
+    step: int = 1  # ranks are multiples of this (--lowrank-round-to)
+    metric_note: Optional[str] = None  # why the layer is factored in the weight metric
 
     @property
     def node(self) -> str:
@@ -241,7 +250,15 @@ class LowRankPass(Pass):
             str,
             choices=ALLOCATIONS,
         ),
-        PassOption("round_to", 4, "ranks are multiples of this (layers narrower than it take any rank)", positive_int, metavar="N"),
+        PassOption(
+            "round_to",
+            "auto",
+            "ranks are multiples of this (layers narrower than it take any rank); auto = the CPU's conv channel block, "
+            "16 on AVX-512, else 8 (other ranks pad up to it or switch layout in onnxruntime), finer only in the "
+            "layers a --target-macs cannot be met without (the report says how many)",
+            auto_or_positive_int,
+            metavar="N",
+        ),
         PassOption("min_saving", 0.1, "factor a layer only if that removes at least this fraction of its MACs and of its estimated onnxruntime time (a smaller gain is lost to the extra layer)", _fraction, metavar="S"),
         PassOption("include_last", False, "also factor the last layers (classifier / box heads, no weight layer after them): output-level losses under-weight them", is_switch=True),
         PassOption("exclude", None, "leave layers whose node or weight name matches this regex alone", regex, metavar="REGEX"),
@@ -300,6 +317,8 @@ class LowRankPass(Pass):
         data = context.calibration.limited(config["samples"]) if method == "data" else None
         self._candidates(model, layers, data, context, report)
         model_macs = _per_sample_macs(model_stats(model), layers)  # layer shapes count one sample
+        if config["round_to"] == "auto":
+            self._refine_steps(layers, model_macs, report)
         plans = self._choose(model, layers, model_macs, allocation, context, report)
         if len({plan.key() for plan in plans.values()}) > 1:
             self._factor_best(model, layers, plans, data, context, report)
@@ -331,7 +350,7 @@ class LowRankPass(Pass):
             measured = [item for item in layers if item.shape.columns <= MAX_METRIC_COLUMNS]
             for item in layers:
                 if item.shape.columns > MAX_METRIC_COLUMNS:
-                    item.note = f"{item.shape.columns} input columns: factored in the weight metric"
+                    item.metric_note = f"{item.shape.columns} input columns: factored in the weight metric"
             fits = [obs.LayerFit(item.layer) for item in measured]
             with _bar(context, len(fits), "lowrank: input statistics", "layer") as bar:
                 obs.collect_statistics(model, fits, data, seed=context.seed, progress=bar)
@@ -340,36 +359,90 @@ class LowRankPass(Pass):
                     gram, _ = _natural_statistics(item.layer, fit)
                     metrics[item.node] = obs._dampened(gram[:-1, :-1], obs.DAMP) / max(fit.rows, 1)
         forms = _forms(self.config["forms"])
+        step = native_block_size() if self.config["round_to"] == "auto" else self.config["round_to"]
         for item in layers:
             weight = natural_weight(item.layer, np.asarray(tensors[item.layer.weight].values, dtype=np.float64))
             item.factorizer = LayerFactorizer(item.shape, weight, metrics.get(item.node), forms)
-            everything = item.factorizer.candidates(self.config["round_to"])
-            keep = 1.0 - self.config["min_saving"]
-            cheaper = [c for c in everything if c.macs <= keep * item.shape.macs]
-            # the extra layers cost time MACs do not show (a node, im2col, another activation
-            # written and read): on small layers a factorization with half the MACs can run
-            # slower, so the estimated time must drop by the same fraction
-            faster = [c for c in cheaper if c.latency <= keep * item.shape.latency()]
-            item.front = factorize.pareto(faster)
-            if not item.front:
-                saving = self.config["min_saving"]
-                item.note = (f"no factorization removes {saving:.0%} of its MACs" if not cheaper
-                             else f"no factorization with fewer MACs would run {saving:.0%} faster in onnxruntime (extra layers on a small one)" if saving
-                             else "no factorization with fewer MACs would run faster than the layer in onnxruntime (extra layers on a small one)")
+            self._set_front(item, step)
 
-    def _limit(self, item: LowRankLayer, macs: float) -> Optional[Candidate]:
+    def _set_front(self, item: LowRankLayer, step: int, front: Optional[Tuple[List[Candidate], Optional[str]]] = None) -> None:
+        item.step = step
+        item.front, item.note = front if front is not None else self._front_at(item, step)
+
+    def _front_at(self, item: LowRankLayer, step: int) -> Tuple[List[Candidate], Optional[str]]:
+        """The layer's candidates at ranks in multiples of ``step`` that pass the gates (a Pareto
+        front), and why the layer is left alone when none does."""
+        everything = item.factorizer.candidates(step)
+        keep = 1.0 - self.config["min_saving"]
+        cheaper = [c for c in everything if c.macs <= keep * item.shape.macs]
+        # the extra layers cost time MACs do not show (a node, im2col, another activation
+        # written and read): on small layers a factorization with half the MACs can run
+        # slower, so the estimated time must drop by the same fraction
+        faster = [c for c in cheaper if c.latency <= keep * item.shape.latency()]
+        front = factorize.pareto(faster)
+        if front:
+            return front, item.metric_note
+        saving = self.config["min_saving"]
+        return front, (f"no factorization removes {saving:.0%} of its MACs" if not cheaper
+                       else f"no factorization with fewer MACs would run {saving:.0%} faster in onnxruntime (extra layers on a small one)" if saving
+                       else "no factorization with fewer MACs would run faster than the layer in onnxruntime (extra layers on a small one)")
+
+    def _smallest_macs(self, item: LowRankLayer, front: Optional[List[Candidate]] = None) -> float:
+        """MACs of the layer at the deepest allocation level (its own MACs when it is left alone),
+        as ``_allocate`` counts what a target can reach."""
+        choice = self._at_level(item, 1.0, front)
+        return item.shape.macs if choice is None else choice.macs
+
+    def _refine_steps(self, layers: Sequence[LowRankLayer], model_macs: int, report: PassReport) -> None:
+        """``--lowrank-round-to auto``: the conv block, made finer only in the layers a MACs target needs.
+
+        While the target is out of reach with every layer at its cheapest candidate, halve the
+        step of the layers with the fewest rank steps in their narrower side (a 16-channel layer
+        has one rank at 8, a 64-channel one seven) among those whose cheapest candidate would
+        get cheaper; their ranks then pad up to the block (or switch layout) at run time.
+        """
+        block = native_block_size()
+        note = f"ranks in multiples of {block} (this CPU's conv block)"
+        target = self.config["target_macs"]
+        if target is not None and model_macs > 0:
+            def kept() -> float:
+                return 1.0 - sum(item.shape.macs - self._smallest_macs(item) for item in layers) / model_macs
+
+            while kept() > target + 1e-9:
+                helping = {}
+                for item in layers:
+                    if item.step > 1 and item.factorizer is not None:
+                        trial = self._front_at(item, item.step // 2)
+                        if self._smallest_macs(item, trial[0]) < self._smallest_macs(item):
+                            helping[item.node] = (item, trial)
+                if not helping:
+                    break  # _allocate reports the target as unreachable
+                fewest = min(min(item.shape.cin, item.shape.cout) / item.step for item, _ in helping.values())
+                for item, trial in helping.values():
+                    if min(item.shape.cin, item.shape.cout) / item.step <= fewest * (1 + 1e-9):
+                        self._set_front(item, item.step // 2, trial)
+            finer = [item for item in layers if item.factorizer is not None and item.step < block]
+            if finer:
+                steps = ", ".join(str(step) for step in sorted({item.step for item in finer}))
+                note += (f", finer (multiples of {steps}) in {len(finer)} layer(s) because --target-macs {target:g} is "
+                         f"unreachable at {block}: their ranks pad up to {block} at run time")
+        report.notes.append(note)
+
+    def _limit(self, item: LowRankLayer, macs: float, front: Optional[List[Candidate]] = None) -> Optional[Candidate]:
         """The best candidate within ``macs`` that saves at least --lowrank-min-saving."""
+        front = item.front if front is None else front
         cap = min(macs, (1.0 - self.config["min_saving"]) * item.shape.macs)
-        return factorize.best_within(item.front, cap) if item.front else None
+        return factorize.best_within(front, cap) if front else None
 
-    def _at_level(self, item: LowRankLayer, level: float) -> Optional[Candidate]:
+    def _at_level(self, item: LowRankLayer, level: float, front: Optional[List[Candidate]] = None) -> Optional[Candidate]:
         """Allocation's choice when ``level`` of the layer's MACs is to go (the cheapest if none is that cheap)."""
+        front = item.front if front is None else front
         index = int(np.searchsorted(LEVELS, level + 1e-9, side="right")) - 1
-        if index < 0 or not item.front:
+        if index < 0 or not front:
             return None
-        choice = self._limit(item, (1.0 - LEVELS[index]) * item.shape.macs)
-        if choice is None and item.front[0].macs <= (1.0 - self.config["min_saving"]) * item.shape.macs:
-            choice = item.front[0]
+        choice = self._limit(item, (1.0 - LEVELS[index]) * item.shape.macs, front)
+        if choice is None and front[0].macs <= (1.0 - self.config["min_saving"]) * item.shape.macs:
+            choice = front[0]
         return choice
 
     def _choose(self, model: Model, layers: List[LowRankLayer], model_macs: int, allocation: str,
@@ -563,6 +636,7 @@ class LowRankPass(Pass):
                 "op": item.layer.op,
                 "form": item.chosen.form,
                 "ranks": list(item.chosen.ranks),
+                "rank_step": item.step,
                 "full_ranks": [item.shape.cin, item.shape.cout] if item.chosen.form == "tucker2" else [min(item.shape.cout, item.shape.columns)],
                 "macs_before": int(item.shape.macs),
                 "macs_after": int(item.chosen.macs),

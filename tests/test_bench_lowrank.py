@@ -84,6 +84,8 @@ def test_configs_and_options(bench_lowrank):
     runs = bench_lowrank.configs([0.75, 0.5], ["weight", "data"])
     assert [r["name"] for r in runs] == ["t0.75.weight", "t0.75.data", "t0.5.weight", "t0.5.data"]
     assert bench_lowrank.pass_options(runs[1], 32) == {"target_macs": 0.75, "method": "data", "samples": 32}
+    runs = bench_lowrank.configs([0.5], ["data"], round_to=4)  # --round-to: the pass's rank step
+    assert bench_lowrank.pass_options(runs[0], 32) == {"target_macs": 0.5, "method": "data", "samples": 32, "round_to": 4}
 
 
 def test_forms(bench_lowrank):
@@ -244,11 +246,11 @@ def test_render(bench_lowrank):
 def test_parse_args_defaults(bench_lowrank):
     args = bench_lowrank.parse_args([])
     assert args.targets == [0.75, 0.5] and args.methods == ["weight", "data"]
-    assert args.models is None and args.eval_limit is None and args.calib == 128
+    assert args.models is None and args.eval_limit is None and args.calib == 128 and args.round_to is None
     args = bench_lowrank.parse_args(["--models", "resnet20, mnist", "--targets", "0.5", "--methods", "data",
-                                     "--eval-limit", "50", "--latency-seconds", "0.5"])
+                                     "--eval-limit", "50", "--latency-seconds", "0.5", "--round-to", "4"])
     assert args.models == ["resnet20", "mnist"] and args.targets == [0.5] and args.methods == ["data"]
-    assert args.eval_limit == 50 and args.latency_seconds == 0.5
+    assert args.eval_limit == 50 and args.latency_seconds == 0.5 and args.round_to == 4
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -260,6 +262,7 @@ def test_parse_args_defaults(bench_lowrank):
     (["--calib", "0"], "--calib"),
     (["--eval-limit", "-1"], "--eval-limit"),
     (["--latency-seconds", "0"], "--latency-seconds"),
+    (["--round-to", "0"], "--round-to"),
     (["--bogus"], "unrecognized"),
 ])
 def test_bad_arguments_exit_2(bench_lowrank, capsys, argv, fragment):

@@ -303,7 +303,8 @@ def test_rank_ratio_without_data_factors_and_emits_a_valid_model(name, kwargs, o
     rows = _check_report(report, rank_ratio=0.5)
     assert {row["op"] for row in rows} == ops
     for row in rows:
-        assert all(r % 4 == 0 or r == f for r, f in zip(row["ranks"], row["full_ranks"]))  # round_to 4
+        step = runtime.native_block_size()  # round_to auto: the CPU's conv block
+        assert all(r % step == 0 or r == f for r, f in zip(row["ranks"], row["full_ranks"])), row
         assert row["error"] == pytest.approx(row["error_estimate"], abs=1e-5)  # weight error of the emitted factors
     extra = sum(2 if row["form"] == "tucker2" and row["ranks"][1] < row["full_ranks"][1] else 1 for row in rows)
     assert _weight_ops(emitted) == _weight_ops(proto) + extra  # each layer became its factor layers
@@ -457,7 +458,8 @@ def test_auto_allocation_keeps_the_plan_with_the_lowest_calibration_loss():
 
     proto = test_models.build("resnet_basic_block", **RESNET)
     calib = sample_data(proto, 8, seed=0)
-    out, report = _lowrank(proto, calib, target_macs=0.75, samples=8)  # auto is the default
+    # auto is the default; ranks in 4s: at the CPU's block the small block's layers have one rank each
+    out, report = _lowrank(proto, calib, target_macs=0.75, samples=8, round_to=4)
     details = report.details["allocation"]
     rows = details["candidates"]
     assert list(rows) == ["marginal", "sensitivity", "error"] and details["samples"] == 8
@@ -488,11 +490,41 @@ def test_unreachable_target_macs_is_a_user_error():
         _lowrank(proto, target_macs=0.05)
 
 
+def test_round_to_auto_is_the_conv_block_made_finer_only_where_a_target_needs_it(monkeypatch):
+    import onnxslim_cv.passes.lowrank as lowrank_module
+
+    monkeypatch.setattr(lowrank_module, "native_block_size", lambda: 8)  # an AVX2 CPU's conv block
+    proto = test_models.build("conv_chain", channels=(16, 32, 32, 32))
+    out, report = _lowrank(proto, target_macs=0.6)  # round_to auto is the default
+    rows = _rows(report)
+    assert rows and all(row["rank_step"] == 8 for row in rows)
+    assert all(r % 8 == 0 or r == f for row in rows for r, f in zip(row["ranks"], row["full_ranks"])), rows
+    assert "ranks in multiples of 8 (this CPU's conv block)" in report.notes
+    # 0.48 of the MACs is out of reach with ranks in 8s ...
+    with pytest.raises(UserError, match="unreachable"):
+        _lowrank(proto, target_macs=0.48, round_to=8)
+    # ... so auto halves the step of the narrowest layer (16 channels in), and only there
+    out, report = _lowrank(proto, target_macs=0.48)
+    _check_emitted(out.to_proto(), proto)
+    assert report.after.macs <= 0.48 * report.before.macs
+    steps = {row["node"]: row["rank_step"] for row in _rows(report)}
+    assert steps == {"conv2": 4, "conv3": 8}
+    assert any("finer (multiples of 4) in 1 layer(s) because --target-macs 0.48 is unreachable at 8" in note
+               for note in report.notes), report.notes
+
+
+def test_round_to_option_parses_auto_and_positive_integers():
+    assert LowRankPass(rank_ratio=0.5, round_to="AUTO").config["round_to"] == "auto"
+    assert LowRankPass(rank_ratio=0.5, round_to="16").config["round_to"] == 16
+    with pytest.raises(UserError):
+        LowRankPass(rank_ratio=0.5, round_to="0")
+
+
 def test_data_method_beats_the_weight_method_on_held_out_inputs():
     proto = test_models.build("conv_chain", **CONV_CHAIN)
     held_out = [test_models.sample_inputs(proto, seed=1000 + i) for i in range(6)]
-    weight_out, weight_report = _lowrank(proto, None, rank_ratio=0.5)
-    data_out, data_report = _lowrank(proto, sample_data(proto, 16, seed=10), rank_ratio=0.5)
+    weight_out, weight_report = _lowrank(proto, None, rank_ratio=0.5, round_to=4)
+    data_out, data_report = _lowrank(proto, sample_data(proto, 16, seed=10), rank_ratio=0.5, round_to=4)
     assert data_report.details["method"] == "data"
     _check_emitted(data_out.to_proto(), proto)
     data_rows = _check_report(data_report, rank_ratio=0.5)
@@ -659,7 +691,7 @@ def test_min_saving_gates_on_the_estimated_latency(case):
     build, forms, factored_default, factored_at_zero = LATENCY_CASES[case]
     proto = build()
     shape, factorizer = _factorizer(proto, None if forms == "auto" else (forms,))
-    candidates = factorizer.candidates(round_to=4)  # what the pass considers (its round_to is 4)
+    candidates = factorizer.candidates(round_to=4)  # what the pass considers with round_to 4
     layer_latency = shape.latency()
     # MACs alone would let each of these layers be factored at half its MACs
     assert any(c.macs <= 0.5 * shape.macs for c in candidates)
@@ -673,7 +705,7 @@ def test_min_saving_gates_on_the_estimated_latency(case):
 
     assert estimated(0.1) == factored_default and estimated(0.0) == factored_at_zero  # the cases are what they say
     for min_saving, expected in ((0.1, factored_default), (0.0, factored_at_zero)):
-        out, report = _lowrank(proto, rank_ratio=0.5, forms=forms, include_last=True, min_saving=min_saving)
+        out, report = _lowrank(proto, rank_ratio=0.5, forms=forms, include_last=True, min_saving=min_saving, round_to=4)
         emitted = out.to_proto()
         _check_emitted(emitted, proto)
         rows = _rows(report)

@@ -112,14 +112,19 @@ def code_version() -> Dict[str, Any]:
     return {"git_head": head, "files": files}
 
 
-def configs(targets: Sequence[float], methods: Sequence[str]) -> List[Dict[str, Any]]:
-    """Every (target, method) run, in table order: per target, the methods in the given order."""
-    return [{"name": f"t{target:g}.{method}", "target": target, "method": method}
+def configs(targets: Sequence[float], methods: Sequence[str], round_to: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Every (target, method) run, in table order: per target, the methods in the given order
+    (``round_to``: the pass's rank step, when not its default)."""
+    extra = {} if round_to is None else {"round_to": round_to}
+    return [{"name": f"t{target:g}.{method}", "target": target, "method": method, **extra}
             for target in targets for method in methods]
 
 
 def pass_options(run: Dict[str, Any], samples: int) -> Dict[str, Any]:
-    return {"target_macs": run["target"], "method": run["method"], "samples": samples}
+    options = {"target_macs": run["target"], "method": run["method"], "samples": samples}
+    if run.get("round_to") is not None:
+        options["round_to"] = run["round_to"]
+    return options
 
 
 def file_stats(path: Path) -> Dict[str, Any]:
@@ -628,6 +633,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "stay disjoint from the evaluation samples)")
     parser.add_argument("--latency-seconds", type=float, default=benchlib.DEFAULT_LATENCY_SECONDS, metavar="S",
                         help="onnxruntime timing per (fp32, run) pair (default %(default)s)")
+    parser.add_argument("--round-to", type=int, metavar="N",
+                        help="the pass's --lowrank-round-to (ranks in multiples of N; default: the pass's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the passes (default %(default)s)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to this markdown file")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
@@ -639,6 +646,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("--eval-limit must be >= 0")
     if not args.latency_seconds > 0:
         parser.error("--latency-seconds must be > 0")
+    if args.round_to is not None and args.round_to < 1:
+        parser.error("--round-to must be >= 1")
     args.eval_limit = None if args.eval_limit == 0 else args.eval_limit
     args.targets = _float_list(parser, args.targets, "--targets")
     args.methods = _choices(parser, args.methods, "--methods", METHODS)
@@ -672,7 +681,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Command: `{command}`", flush=True)
     print(flush=True)
     benchlib.progress(f"$ {command}")
-    runs = configs(args.targets, args.methods)
+    runs = configs(args.targets, args.methods, args.round_to)
 
     code = code_version()
     started = time.perf_counter()
@@ -691,7 +700,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "wall_seconds": wall,
         "settings": {
             "targets": args.targets, "methods": args.methods, "eval_limit": args.eval_limit, "calib": args.calib,
-            "latency_seconds": args.latency_seconds, "seed": args.seed, "onnxruntime": onnxruntime.__version__,
+            "latency_seconds": args.latency_seconds, "seed": args.seed, "round_to": args.round_to,
+            "onnxruntime": onnxruntime.__version__,
         },
         "code": code,
         "models": rows,
