@@ -71,7 +71,7 @@ def _cells(line: str):
 def _checks(bench_lowrank, rows):
     """The top-1 and whole-model latency checks (the factored-layer check has its own test)."""
     checks = bench_lowrank.target_checks(rows)
-    assert len(checks) == 3 and "tiny factor layers" in checks[2]["target"]
+    assert len(checks) == 4 and "tiny factor layers" in checks[2]["target"] and "MACs removed" in checks[3]["target"]
     return checks[0], checks[1]
 
 
@@ -170,6 +170,25 @@ def test_factored_layers_target(bench_lowrank):
     rows[0]["cells"] = [ok_cell("data", 0.5, top1=0.76, macs=0.5, latency=0.7)]  # not profiled
     (check,) = [c for c in bench_lowrank.target_checks(rows) if "tiny factor layers" in c["target"]]
     assert check["met"] is None
+
+
+def test_latency_bound_and_its_target(bench_lowrank):
+    # the factored layers had 60% of the time and keep 25% of their MACs: at best 1 - 0.6 * 0.75 = 0.55
+    cell = _with_factored(ok_cell("data", 0.5, top1=0.76, macs=0.5, latency=0.6), 0.5, 0.25, share=0.6)
+    assert bench_lowrank.latency_bound(cell) == pytest.approx(0.55)
+    assert bench_lowrank.latency_per_bound(cell) == pytest.approx(0.6 / 0.55)
+    assert bench_lowrank.latency_bound(ok_cell("data", 0.5, top1=0.76, macs=0.5, latency=0.6)) is None  # not profiled
+    rows = [classifier_row("resnet20", 0.80, [cell])]
+    check = bench_lowrank.target_checks(rows)[3]
+    assert check["met"] is True and check["worst_latency_per_bound"] == pytest.approx(0.6 / 0.55)
+    assert "1/1 runs; worst 1.09 (resnet20 data 0.5: latency 0.60x against a bound of 0.55x)" == check["measured"]
+    line = bench_lowrank.result_lines(rows[0])[1]
+    assert line[bench_lowrank.RESULT_HEADERS.index("latency/bound")] == "1.09"
+    cell["latency_ratio"] = 0.65  # 1.18x the bound
+    check = bench_lowrank.target_checks(rows)[3]
+    assert check["met"] is False and check["above"] == ["resnet20 data 0.5: 1.18"]
+    rows[0]["cells"] = [ok_cell("data", 0.5, top1=0.76, macs=0.5, latency=0.7)]
+    assert bench_lowrank.target_checks(rows)[3]["met"] is None
 
 
 def test_targets_met(bench_lowrank):

@@ -76,6 +76,7 @@ TOP1_TARGET_METHOD = "data"
 TOP1_MIN_KEPT = 0.90  # of the fp32 top-1
 MACS_TOLERANCE = 0.005  # the written file may keep this much more than the asked-for MACs fraction
 REPORT_MISMATCH = 0.005  # the file's MACs ratio and the pass's own figure should agree to this
+MAX_LATENCY_PER_BOUND = 1.1  # latency at most this much above what the factored layers' MACs allow
 
 SEED = 0
 """``PassContext.seed`` of every run (``--seed``)."""
@@ -353,6 +354,23 @@ def factored_text(factored: Optional[Dict[str, Any]]) -> str:
     return text
 
 
+def latency_bound(cell: Dict[str, Any]) -> Optional[float]:
+    """The latency ratio the run would have if the factored layers' time fell exactly with their
+    MACs and nothing else changed: ``1 - share * (1 - their MACs ratio)``, share = their part of
+    the fp32 file's profiled time. What lowrank can deliver at those MACs, however well its
+    factors run: the rest of the model (depthwise convs, activations, concats) keeps its time."""
+    factored = cell.get("factored") or {}
+    share, macs = factored.get("share_of_fp32_time"), factored.get("macs_ratio")
+    if share is None or macs is None:
+        return None
+    return 1.0 - share * (1.0 - macs)
+
+
+def latency_per_bound(cell: Dict[str, Any]) -> Optional[float]:
+    bound, latency = latency_bound(cell), cell.get("latency_ratio")
+    return latency / bound if bound and latency is not None else None
+
+
 def _quality_cell(row: Dict[str, Any], text: str) -> str:
     return text  # the agreement texts name their metric ("F1 0.93", "IoU 0.88", "PSNR 31.2 dB")
 
@@ -368,7 +386,7 @@ def error_cell(cell: Dict[str, Any], limit: int = 140) -> str:
     return f"error: {_md(text[:limit])}"
 
 
-RESULT_HEADERS = ["model", "method", "target", "MACs", "params", "latency", "latency/MACs", "quality", "drop",
+RESULT_HEADERS = ["model", "method", "target", "MACs", "params", "latency", "latency/MACs", "latency/bound", "quality", "drop",
                   "task metric", "forms", "layers", "factored layers: time / MACs (share of fp32 time)", "pass time",
                   "allocation"]
 
@@ -378,22 +396,22 @@ def result_lines(row: Dict[str, Any]) -> List[List[str]]:
     fp32 = row["fp32"]
     task = "" if row["classifier"] else fp32["quality"]["primary"]["text"]
     lines = [[row["key"], "fp32 (folded)", "–", f"1.000x ({human(fp32['macs'])})", f"1.000x ({human(fp32['params'])})",
-              f"{_ms(fp32['latency_ms'])} (self {_ratio(fp32.get('self_latency_ratio'))})", "",
+              f"{_ms(fp32['latency_ms'])} (self {_ratio(fp32.get('self_latency_ratio'))})", "", "",
               _quality_cell(row, fp32["quality_text"]), "", task, "", "", "", "", ""]]
     for cell in row["cells"]:
         line = [row["key"], METHOD_LABEL.get(cell["method"], cell["method"]), f"{cell['target']:g}"]
         if cell["status"] != "ok":
             filled = [error_cell(cell)]
             if cell.get("pass_seconds") is not None:  # the pass ran, a later stage failed
-                filled += [""] * 6 + [forms_text(cell.get("forms") or {}), str(cell.get("layers_factored", "")), "",
+                filled += [""] * 7 + [forms_text(cell.get("forms") or {}), str(cell.get("layers_factored", "")), "",
                                       benchlib.seconds(cell["pass_seconds"])]
             line += filled + [""] * (len(RESULT_HEADERS) - len(line) - len(filled))
             lines.append(line)
             continue
-        per = cell.get("latency_per_macs")
+        per, per_bound = cell.get("latency_per_macs"), latency_per_bound(cell)
         line += [
             _macs_text(cell), _ratio(cell.get("params_ratio"), 3), _ratio(cell.get("latency_ratio")),
-            "n/a" if per is None else f"{per:.2f}",
+            "n/a" if per is None else f"{per:.2f}", "n/a" if per_bound is None else f"{per_bound:.2f}",
             _quality_cell(row, cell["quality_text"]), benchlib.drop(row, cell)[1],
             "" if row["classifier"] else cell["quality"]["primary"]["text"],
             forms_text(cell["forms"]), str(cell["layers_factored"]), factored_text(cell.get("factored")),
@@ -412,7 +430,7 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
                          + [""] * (len(RESULT_HEADERS) - 4))
             continue
         lines += result_lines(row)
-    headers, align = list(RESULT_HEADERS), "lll" + "r" * 7 + "lrrrl"
+    headers, align = list(RESULT_HEADERS), "lll" + "r" * 8 + "lrrrl"
     if all(row.get("classifier", True) for row in rows):  # no agreement metric: no task metric column
         index = headers.index("task metric")
         headers.pop(index)
@@ -540,6 +558,31 @@ def target_checks(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             measured += "; slower: " + "; ".join(slower)
         checks.append({"target": target, "measured": measured, "worst_factored_time_per_macs": worst[0],
                        "slower": slower, "met": not slower})
+
+    # (4) latency follows the MACs lowrank removes: within 10% of the latency those MACs allow
+    target = (f"latency follows the MACs removed: latency ≤ {MAX_LATENCY_PER_BOUND:g}x the bound "
+              "1 − share × (1 − factored MACs ratio) in every profiled run")
+    runs, above, worst = [], [], None
+    for row in rows:
+        for cell in row.get("cells", []):
+            per = latency_per_bound(cell) if cell.get("status") == "ok" else None
+            if per is None:
+                continue
+            name = f"{row['key']} {cell['method']} {cell['target']:g}"
+            runs.append(name)
+            if per > MAX_LATENCY_PER_BOUND:
+                above.append(f"{name}: {per:.2f}")
+            if worst is None or per > worst[0]:
+                worst = (per, name, cell["latency_ratio"], latency_bound(cell))
+    if not runs:
+        checks.append({"target": target, "measured": "not profiled", "met": None})
+    else:
+        measured = (f"{len(runs) - len(above)}/{len(runs)} runs; worst {worst[0]:.2f} ({worst[1]}: latency "
+                    f"{worst[2]:.2f}x against a bound of {worst[3]:.2f}x)")
+        if above:
+            measured += "; above: " + "; ".join(above)
+        checks.append({"target": target, "measured": measured, "worst_latency_per_bound": worst[0],
+                       "above": above, "met": not above})
     return checks
 
 
@@ -567,7 +610,10 @@ def render(results: Dict[str, Any]) -> str:
         "when it differs). Latency: written file / fp32 file, onnxruntime CPU, 1 thread, interleaved, median of the "
         f"per-iteration ratios ({settings.get('latency_seconds', benchlib.DEFAULT_LATENCY_SECONDS):g} s per pair; "
         "< 1 is faster); the fp32 line gives its median time and fp32 against itself (the noise floor). "
-        "latency/MACs = latency ratio / MACs ratio (1 = latency falls as much as the MACs). Quality = top-1 for "
+        "latency/MACs = latency ratio / MACs ratio (1 = latency falls as much as the MACs). latency/bound = latency "
+        "ratio / (1 − share × (1 − the factored layers' MACs ratio)), share = those layers' part of the fp32 "
+        "file's profiled time: 1 when the model's latency falls as much as the MACs lowrank removed allow, the "
+        "rest of the model keeping its time. Quality = top-1 for "
         "classifiers, the agreement with fp32 otherwise (box F1@0.5, text-map IoU@0.3, PSNR against the fp32 "
         "output; see tools/evaluate.py); drop = fp32 - run in top-1 points, 1 - agreement in points, or the task "
         "PSNR drop in dB (super-resolution); task metric = the model's own metric on its data. Forms and layers: "
