@@ -29,6 +29,14 @@ FLATTEN_GEMM = {"channels": 16, "hidden": 512}
 RESHAPE_MATMUL = {"channels": 16, "num_classes": 512}
 
 
+@pytest.fixture(autouse=True)
+def avx2_conv_block(monkeypatch):
+    """``--lowrank-round-to auto`` ranks in 8s, as on an AVX2 CPU, whatever CPU runs the tests."""
+    import onnxslim_cv.passes.lowrank as lowrank_module
+
+    monkeypatch.setattr(lowrank_module, "native_block_size", lambda: 8)
+
+
 def _lowrank(proto, calib=None, **options):
     return LowRankPass(**options)(Model.from_proto(proto), PassContext(calibration=calib, progress=False))
 
@@ -303,8 +311,8 @@ def test_rank_ratio_without_data_factors_and_emits_a_valid_model(name, kwargs, o
     rows = _check_report(report, rank_ratio=0.5)
     assert {row["op"] for row in rows} == ops
     for row in rows:
-        step = runtime.native_block_size()  # round_to auto: the CPU's conv block
-        assert all(r % step == 0 or r == f for r, f in zip(row["ranks"], row["full_ranks"])), row
+        assert row["rank_step"] == 8  # round_to auto: the CPU's conv block
+        assert all(r % 8 == 0 or r == f for r, f in zip(row["ranks"], row["full_ranks"])), row
         assert row["error"] == pytest.approx(row["error_estimate"], abs=1e-5)  # weight error of the emitted factors
     extra = sum(2 if row["form"] == "tucker2" and row["ranks"][1] < row["full_ranks"][1] else 1 for row in rows)
     assert _weight_ops(emitted) == _weight_ops(proto) + extra  # each layer became its factor layers
@@ -490,10 +498,7 @@ def test_unreachable_target_macs_is_a_user_error():
         _lowrank(proto, target_macs=0.05)
 
 
-def test_round_to_auto_is_the_conv_block_made_finer_only_where_a_target_needs_it(monkeypatch):
-    import onnxslim_cv.passes.lowrank as lowrank_module
-
-    monkeypatch.setattr(lowrank_module, "native_block_size", lambda: 8)  # an AVX2 CPU's conv block
+def test_round_to_auto_is_the_conv_block_made_finer_only_where_a_target_needs_it():
     proto = test_models.build("conv_chain", channels=(16, 32, 32, 32))
     out, report = _lowrank(proto, target_macs=0.6)  # round_to auto is the default
     rows = _rows(report)
