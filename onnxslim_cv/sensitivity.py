@@ -493,6 +493,22 @@ def _measure(model: Model, plan: _Plan, values: Dict[str, np.ndarray], weights: 
         return _measure(model, plan, values, weights, n, grow, stack)
 
 
+def distinct_arrays(arrays: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[int]]:
+    """The distinct arrays among ``arrays`` (first occurrences, in order) and, for each input,
+    the index of its equal among them."""
+    distinct: List[np.ndarray] = []
+    index: List[int] = []
+    for array in arrays:
+        for k, seen in enumerate(distinct):
+            if seen is array or (seen.shape == np.shape(array) and np.array_equal(seen, array)):
+                index.append(k)
+                break
+        else:
+            index.append(len(distinct))
+            distinct.append(np.asarray(array))
+    return distinct, index
+
+
 def masked_weights(weight: np.ndarray, sparsities: Sequence[float]) -> List[np.ndarray]:
     """``weight`` with :func:`magnitude_mask`'s zeros at each sparsity, from one sort.
 
@@ -620,12 +636,12 @@ def analyze_layers(
             batch = fixed or max(1, min(batch, STACK_BUDGET_BYTES // max(1, workers * stack * peak)))
             # progress counts layers: each batch is a share of a layer when the sample count is known
             step = 1.0 / -(-total // batch) if total else 0.0
-            masked = {
-                id(plan): (weights_at(plan.layer, weights[plan.layer.weight].values, levels[1:]) if weights_at
-                           else masked_weights(weights[plan.layer.weight].values, levels[1:]))
-                for plan in chunk
-            }
+            masked, level_of = {}, {}
             for plan in chunk:
+                made = (weights_at(plan.layer, weights[plan.layer.weight].values, levels[1:]) if weights_at
+                        else masked_weights(weights[plan.layer.weight].values, levels[1:]))
+                # levels that got the same weights (a rank grid coarser than the levels) run once
+                masked[id(plan)], level_of[id(plan)] = distinct_arrays(made)
                 results[id(plan)] = [_Losses(outputs) for _ in levels[1:]]
             names = outputs + taps
 
@@ -640,9 +656,10 @@ def analyze_layers(
             def measure(plan: _Plan, values: Dict[str, np.ndarray], n: int) -> None:
                 if plan.outputs:  # else it reaches no output: nothing changes
                     ref_out = [values[o] for o in outputs]
-                    got = _measure(work, plan, values, masked[id(plan)], n, grow, stack)
-                    for losses, level in zip(results[id(plan)], got):
-                        losses.add(ref_out, [level.get(o, values[o]) for o in outputs], n)
+                    distinct = masked[id(plan)]
+                    got = _measure(work, plan, values, distinct, n, grow, min(stack, len(distinct)))
+                    for losses, k in zip(results[id(plan)], level_of[id(plan)]):
+                        losses.add(ref_out, [got[k].get(o, values[o]) for o in outputs], n)
 
             with ThreadPoolExecutor(workers) as pool:
                 for values in activations.prefetch(reference_batches()):

@@ -134,6 +134,38 @@ def test_layers_by_name_and_bad_levels():
         analyze_layers(model, _data(proto, 4), sparsities=(0.5, 1.0), progress=False)
 
 
+def test_levels_with_equal_weights_are_measured_once(digits, monkeypatch):
+    from onnxslim_cv import sensitivity
+
+    model, data = digits
+    levels = (0.3, 0.5, 0.7, 0.9)
+    plain = analyze_layers(model, data, samples=16, sparsities=levels, layers=["conv2"], progress=False)
+
+    def coarse(layer, weight, wanted):
+        """Levels 0.5 and 0.7 get 0.3's weights again (equal copies, not the same object)."""
+        masked = sensitivity.masked_weights(weight, wanted)
+        return [masked[0], masked[0].copy(), masked[0].copy(), masked[3]]
+
+    measured = []
+    real_measure = sensitivity._measure
+    monkeypatch.setattr(sensitivity, "_measure",
+                        lambda *args: measured.append(len(args[3])) or real_measure(*args))
+    (curve,) = analyze_layers(model, data, samples=16, sparsities=levels, layers=["conv2"], progress=False,
+                              weights_at=coarse)
+    assert measured and set(measured) == {2}  # two distinct weights per batch, not four
+    cosine, reference = curve.loss["cosine"], plain[0].loss["cosine"]
+    assert cosine[1] == cosine[2] == cosine[3] == pytest.approx(reference[1], rel=1e-6)
+    assert cosine[4] == pytest.approx(reference[4], rel=1e-6)
+
+
+def test_distinct_arrays():
+    from onnxslim_cv.sensitivity import distinct_arrays
+
+    a, b = np.zeros((2, 3)), np.ones((2, 3))
+    distinct, index = distinct_arrays([a, a.copy(), b, np.zeros(6), b])
+    assert index == [0, 0, 1, 2, 1] and len(distinct) == 3  # equal values of another shape stay apart
+
+
 # ---------------------------------------------------------------------------------------------
 # Channel groups
 # ---------------------------------------------------------------------------------------------
