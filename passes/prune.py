@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from onnxslim_cv import activations, calibration, channel_obs
 from onnxslim_cv.depgraph import ChannelGroup, DependencyGraph, build_dependency_graph, prune_channels
@@ -51,7 +50,7 @@ from onnxslim_cv.ir import Model
 from onnxslim_cv.pipeline import (Pass, PassContext, PassOption, PassReport, auto_or_positive_int, positive_int, read_json_object,
                                   regex, register_pass)
 from onnxslim_cv.pipeline import progress_bar as _bar
-from onnxslim_cv.reconstruct import Consumer, SliceCache, bias_compensation, reconstructable, refit_or_compensate
+from onnxslim_cv.reconstruct import Consumer, SliceCache, bias_compensation, refit_or_compensate
 from onnxslim_cv.runtime import native_block_size
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "reconstruction", "obs")
