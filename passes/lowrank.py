@@ -408,11 +408,15 @@ class LowRankPass(Pass):
             def kept() -> float:
                 return 1.0 - sum(item.shape.macs - self._smallest_macs(item) for item in layers) / model_macs
 
+            trials: Dict[Tuple[str, int], Tuple[List[Candidate], Optional[str]]] = {}  # (layer, step) -> front
             while kept() > target + 1e-9:
                 helping = {}
                 for item in layers:
                     if item.step > 1 and item.factorizer is not None:
-                        trial = self._front_at(item, item.step // 2)
+                        key = (item.node, item.step // 2)
+                        if key not in trials:
+                            trials[key] = self._front_at(item, item.step // 2)
+                        trial = trials[key]
                         if self._smallest_macs(item, trial[0]) < self._smallest_macs(item):
                             helping[item.node] = (item, trial)
                 if not helping:

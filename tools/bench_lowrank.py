@@ -150,18 +150,6 @@ def forms_text(forms: Dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in forms.items()) if forms else "–"
 
 
-def named_fp32(fp32_path: Path, folder: Path) -> Path:
-    """The fp32 file with the node names the pass gives unnamed nodes (to find its layers there)."""
-    from onnxslim_cv.graph_utils import name_nodes
-    from onnxslim_cv.model_io import load_model, save_model
-
-    model = load_model(fp32_path)
-    name_nodes(model.graph)  # what lowrank does after its (here idle) fold: the same names
-    path = folder / f"{fp32_path.stem}.named.onnx"
-    save_model(model, path)
-    return path
-
-
 def factored_layer_times(fp32_times: Dict[str, float], times: Dict[str, float], layers: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Profiled kernel time of the factored layers before and after, against their MACs.
 
@@ -281,7 +269,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, runs: Sequence[Dict[str, A
     classifier = entry.is_labelled  # top-1 (as bench_quant / bench_sparsify: the labelled models are the classifiers)
     fp32_quality = evaluate(fp32_path, data, reference=None if classifier else fp32_path, limit=eval_n)
     noise = benchlib.latency(fp32_path, fp32_path, seconds=args.latency_seconds)
-    named = named_fp32(fp32_path, folder)
+    named = benchlib.named_fp32(fp32_path, folder)
     feed = random_feed(runtime.make_session(str(named)))
     row: Dict[str, Any] = {
         "key": entry.key, "task": entry.task, "classifier": classifier,

@@ -53,26 +53,17 @@ def op_class(node) -> str:
 
 def node_work(model) -> Dict[str, Any]:
     """node name -> (op class, work): MACs for weight layers, output elements for the rest."""
-    from onnxslim_cv.stats import layer_macs
+    from onnxslim_cv.stats import _numel, layer_macs
 
     model.infer_shapes(reset=False)
     work: Dict[str, Any] = {}
     for node in model.graph.nodes:
         amount = layer_macs(node) if node.op in WEIGHT_OPS else None
         if amount is None:
-            sizes = [_numel(t.shape) for t in node.outputs]
+            sizes = [_numel(t.shape, batch_axis=False) for t in node.outputs]
             amount = sum(s for s in sizes if s is not None) or None
         work[node.name] = (op_class(node), amount)
     return work
-
-
-def _numel(shape) -> Optional[int]:
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    total = 1
-    for d in shape:
-        total *= d
-    return total
 
 
 def breakdown(before: Dict[str, float], after: Dict[str, float], work_before: Dict[str, Any],
@@ -108,17 +99,13 @@ def breakdown(before: Dict[str, float], after: Dict[str, float], work_before: Di
 
 
 def bench_model(entry: zoo.SharedModel, folder: Path, targets: Sequence[float], args) -> Dict[str, Any]:
-    from onnxslim_cv.bench import node_times, random_feed
-    from onnxslim_cv.graph_utils import name_nodes
     from onnxslim_cv import runtime
+    from onnxslim_cv.bench import node_times, random_feed
     from onnxslim_cv.model_io import load_model, save_model
 
     fp32 = folder / f"{entry.key}.fp32.onnx"
     benchlib.prepare_fp32(entry, fp32)
-    model = load_model(fp32)
-    name_nodes(model.graph)  # the profiler names nodes by these; pruning keeps them
-    named = folder / f"{entry.key}.named.onnx"
-    save_model(model, named)
+    named = benchlib.named_fp32(fp32, folder)  # the profiler names nodes by these; pruning keeps them
     work_before = node_work(load_model(named))
     feed = random_feed(runtime.make_session(str(named)))
     row: Dict[str, Any] = {"key": entry.key, "cells": []}

@@ -352,6 +352,19 @@ def prepare_fp32(entry: zoo.SharedModel, path: Path):
     return folded
 
 
+def named_fp32(fp32_path: Path, folder: Path) -> Path:
+    """The fp32 file with the node names a pass gives unnamed nodes (``name_nodes``: what lowrank
+    does after its idle fold, and what prune keeps), so a profile finds the same nodes in both files."""
+    from onnxslim_cv.graph_utils import name_nodes
+    from onnxslim_cv.model_io import load_model, save_model
+
+    model = load_model(fp32_path)
+    name_nodes(model.graph)
+    path = folder / f"{fp32_path.stem}.named.onnx"
+    save_model(model, path)
+    return path
+
+
 def run_pass(model, name: str, options: Dict[str, Any], calibration, *, seed: int, measure: bool):
     """One pass on ``model`` with ``options`` (its prints to stderr): the result and its report."""
     from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
