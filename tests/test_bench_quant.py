@@ -81,8 +81,63 @@ def test_render_fake_results(bench_quant):
     assert checks["int8/fp32 latency 1T ≤ 0.45"] == ["0.40x", "yes"]
     assert checks["faster than ORT best (ORT uint8 Pct) at 2T"] == ["1.10x", "**NO**"]
     assert checks["calibration RSS increase @512 ≤ 1.3x @64"] == ["1.20x", "yes"]
-    assert checks["whole pass time ≤ ORT MinMax @512"][1] == "n/a"
-    assert checks["calibration statistics time ≤ ORT MinMax @512"][1] == "n/a"
+    assert checks["whole pass time ≤ ORT MinMax @64 (one run)"] == ["0.50x", "yes"]
+    assert checks["whole pass time ≤ ORT MinMax @512 (one run)"][1] == "n/a"
+    assert checks["calibration statistics time ≤ ORT MinMax @512 (one run)"][1] == "n/a"
+
+
+def test_repeated_memory_cells_give_medians_and_paired_ratios(bench_quant, monkeypatch, tmp_path):
+    seconds = {"ours": iter([3.0, 1.0, 2.0]), "ort_minmax": iter([1.0, 2.0, 4.0]), "ort_percentile": iter([9.0])}
+    calls = []
+
+    def fake_worker(spec, *, limit_mb, timeout):
+        name = {"ours": "ours", "minmax": "ort_minmax", "percentile": "ort_percentile"}[spec["method"] or "ours"]
+        calls.append(name)
+        value = next(seconds[name])
+        run = {"status": "ok", "seconds": value, "peak_rss_mb": 100 * value, "peak_increase_mb": 10 * value}
+        if name == "ours":
+            run["pass_timings"] = {"calibration": value / 2}
+        return run
+
+    monkeypatch.setattr(bench_quant, "run_worker", fake_worker)
+    monkeypatch.setattr(bench_quant.benchlib, "progress", lambda message: None)
+    rows = bench_quant.bench_memory(zoo.ZOO["resnet20"], tmp_path / "m.onnx", tmp_path, samples=[64],
+                                    tools=bench_quant.MEMORY_TOOLS, ours_opts={}, limit_mb=0, timeout=1, repeats=3)
+    # percentile once; the compared pair three times, the order rotating
+    assert calls == ["ours", "ort_minmax", "ort_percentile", "ort_minmax", "ours", "ours", "ort_minmax"]
+    ours, minmax, percentile = (row["runs"]["64"] for row in rows)
+    assert ours["seconds"] == 2.0 and ours["pass_timings"]["calibration"] == 1.0 and ours["peak_increase_mb"] == 20
+    assert minmax["seconds"] == 2.0 and len(minmax["repeats"]) == 3
+    assert "repeats" not in percentile
+    # per repeat: 3/1, 1/2, 2/4 -> median 0.5 (the ratio of the medians would be 1.0)
+    assert bench_quant.paired_ratio(ours, minmax) == pytest.approx(0.5)
+    assert bench_quant.paired_ratio(ours, minmax, stats=True) == pytest.approx(0.25)
+    assert bench_quant.paired_ratio(percentile, minmax) == pytest.approx(9.0)  # one run: paired with repeat 1
+    assert bench_quant.paired_ratio(ours, {"status": "killed"}) is None
+    row = {"key": "memory-only", "variants": {}, "memory": rows}
+    checks = {c[0]: c[1:] for c in bench_quant.target_checks(row, ["1"], ["64"])}
+    assert checks["whole pass time ≤ ORT MinMax @64 (median of 3 paired runs)"] == ["0.50x", "yes"]
+    assert checks["calibration statistics time ≤ ORT MinMax @64 (median of 3 paired runs)"] == ["0.25x", "yes"]
+    table = bench_quant.memory_table([row], ["64"])
+    assert re.search(r"\|\s*2\.00 s \(stats 1\.00 s\)\s*\|.*\|\s*0\.50x\s*\|\s*0\.25x\s*\|", table)
+
+
+def test_a_killed_memory_cell_is_not_repeated(bench_quant, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_worker(spec, *, limit_mb, timeout):
+        calls.append(spec["method"])
+        if spec["method"] == "minmax":
+            return {"status": "killed", "killed_by": "RSS", "error": "killed", "watched_peak_mb": 7000}
+        return {"status": "ok", "seconds": 1.0, "peak_rss_mb": 100, "peak_increase_mb": 10}
+
+    monkeypatch.setattr(bench_quant, "run_worker", fake_worker)
+    monkeypatch.setattr(bench_quant.benchlib, "progress", lambda message: None)
+    rows = bench_quant.bench_memory(zoo.ZOO["resnet20"], tmp_path / "m.onnx", tmp_path, samples=[64],
+                                    tools=bench_quant.MEMORY_TOOLS[:2], ours_opts={}, limit_mb=0, timeout=1, repeats=3)
+    assert calls.count("minmax") == 1 and calls.count(None) == 3
+    assert rows[1]["runs"]["64"]["status"] == "killed"
+    assert bench_quant.paired_ratio(rows[0]["runs"]["64"], rows[1]["runs"]["64"]) is None
 
 
 def test_closeness_table_reads_each_variants_agreement_with_fp32(bench_quant):

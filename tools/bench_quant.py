@@ -34,7 +34,10 @@ samples into memory first, then measures the quantization call alone: wall time,
 ``/proc/self/clear_refs`` just before the call; ``ru_maxrss`` where that is not possible, and
 recorded in the JSON either way) and the peak's increase over the RSS just before. Small pools are cycled to reach the
 sample count. A worker whose RSS passes ``--memory-limit-mb`` is killed (and reported so):
-onnxruntime's calibrators keep every intermediate tensor of every sample.
+onnxruntime's calibrators keep every intermediate tensor of every sample. Ours and ORT MinMax,
+the pair the time target compares, run ``--memory-repeats`` times each, interleaved (the order
+rotates every repeat): single runs of the same cell vary by up to 1.5x on this machine. Their
+cells show medians, and a ratio is the median of the per-repeat ratios.
 
 Every failure (quantize_static crashing on a model, our pass missing or raising, onnxruntime
 rejecting an output) is caught per cell and shown in the table; the rest still runs.
@@ -49,6 +52,7 @@ import math
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +76,7 @@ DEFAULT_MEMORY_MODELS = ("squeezenet", "resnet20")
 DEFAULT_MEMORY_SAMPLES = (64, 512)
 DEFAULT_MEMORY_LIMIT_MB = 6144
 DEFAULT_MEMORY_TIMEOUT = 1800.0
+DEFAULT_MEMORY_REPEATS = 5
 
 # (name, column label, activation type, calibration method, reduce_range). reduce_range (7-bit
 # weights) is onnxruntime's own remedy for CPUs whose int8 kernels saturate (x86 without VNNI),
@@ -96,6 +101,8 @@ MEMORY_TOOLS = (
     ("ort_percentile", "ORT Percentile", "ort", "percentile"),
 )
 MEMORY_ENTROPY = ("ort_entropy", "ORT Entropy", "ort", "entropy")
+REPEATED_MEMORY_TOOLS = ("ours", "ort_minmax")
+"""The pair the calibration-time target compares: run ``--memory-repeats`` times, interleaved."""
 
 # Targets of issue 6
 TOP1_TARGET_MODELS = ("squeezenet", "resnet20")
@@ -408,26 +415,73 @@ def run_worker(spec: Dict[str, Any], *, limit_mb: float, timeout: float) -> Dict
 
 
 def bench_memory(entry, fp32: Path, folder: Path, *, samples: Sequence[int], tools, ours_opts,
-                 limit_mb: float, timeout: float) -> List[Dict[str, Any]]:
-    rows = []
-    for name, label, tool, method in tools:
-        if tool == "ours" and ours_opts:
-            label = f"ours {json.dumps(ours_opts)}"
-        runs = {}
+                 limit_mb: float, timeout: float, repeats: int = 1) -> List[Dict[str, Any]]:
+    """Every tool at every sample count; the repeated pair interleaved, in a rotating order."""
+    labels = {name: (f"ours {json.dumps(ours_opts)}" if tool == "ours" and ours_opts else label)
+              for name, label, tool, _ in tools}
+    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {name: {str(n): [] for n in samples} for name, *_ in tools}
+    for repeat in range(repeats):
+        order = list(tools[repeat % len(tools):]) + list(tools[:repeat % len(tools)])
         for n in samples:
-            spec = {"key": entry.key, "model": str(fp32), "output": str(folder / f"{entry.key}.mem.{name}.{n}.onnx"),
-                    "tool": tool, "method": method, "activation": "int8", "samples": n, "ours_options": ours_opts}
-            benchlib.progress(f"  calibration cost: {label}, {n} samples ...")
-            runs[str(n)] = run_worker(spec, limit_mb=limit_mb, timeout=timeout)
-            Path(spec["output"]).unlink(missing_ok=True)
-            result = runs[str(n)]
-            if result.get("status") == "ok":
-                benchlib.progress(f"    {result['seconds']:.2f} s, peak {result['peak_rss_mb']:.0f} MB "
-                                  f"(+{result['peak_increase_mb']:.0f} MB)")
-            else:
-                benchlib.progress(f"    {result['error']}")
-        rows.append({"name": name, "label": label, "tool": tool, "method": method, "runs": runs})
-    return rows
+            for name, _, tool, method in order:
+                done = runs[name][str(n)]
+                if repeat and (name not in REPEATED_MEMORY_TOOLS or done[-1].get("status") != "ok"):
+                    continue  # the others once; a killed or failed cell is not run again
+                spec = {"key": entry.key, "model": str(fp32), "output": str(folder / f"{entry.key}.mem.{name}.{n}.onnx"),
+                        "tool": tool, "method": method, "activation": "int8", "samples": n, "ours_options": ours_opts}
+                which = f" (repeat {repeat + 1}/{repeats})" if repeats > 1 and name in REPEATED_MEMORY_TOOLS else ""
+                benchlib.progress(f"  calibration cost: {labels[name]}, {n} samples{which} ...")
+                result = run_worker(spec, limit_mb=limit_mb, timeout=timeout)
+                Path(spec["output"]).unlink(missing_ok=True)
+                done.append(result)
+                if result.get("status") == "ok":
+                    benchlib.progress(f"    {result['seconds']:.2f} s, peak {result['peak_rss_mb']:.0f} MB "
+                                      f"(+{result['peak_increase_mb']:.0f} MB)")
+                else:
+                    benchlib.progress(f"    {result['error']}")
+    return [{"name": name, "label": labels[name], "tool": tool, "method": method,
+             "runs": {n: _median_run(cell) for n, cell in runs[name].items()}}
+            for name, _, tool, method in tools]
+
+
+def _stats_seconds(run: Dict[str, Any]) -> Optional[float]:
+    """Our pass's statistics step (the part comparable with a calibrator), None for onnxruntime."""
+    return (run.get("pass_timings") or {}).get("calibration")
+
+
+def _median_run(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One cell from its repeats: the medians of time, statistics time and RSS; every repeat kept."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    if not ok:
+        return results[-1]
+    cell = dict(sorted(ok, key=lambda r: r["seconds"])[len(ok) // 2])
+    if len(results) > 1:
+        cell["seconds"] = float(statistics.median([r["seconds"] for r in ok]))
+        for field in ("peak_rss_mb", "peak_increase_mb"):
+            cell[field] = float(statistics.median([r[field] for r in ok]))
+        steps = [_stats_seconds(r) for r in ok]
+        if all(step is not None for step in steps):
+            cell["pass_timings"] = {**(cell.get("pass_timings") or {}), "calibration": float(statistics.median(steps))}
+        cell["repeats"] = results
+    return cell
+
+
+def paired_ratio(mine: Optional[Dict[str, Any]], reference: Optional[Dict[str, Any]], *,
+                 stats: bool = False) -> Optional[float]:
+    """Median over repeats of (ours / reference) time, each repeat paired with the reference's same repeat.
+
+    ``stats``: our statistics step instead of our whole call. None when either side has no time.
+    """
+    if not _mem_ok(mine) or not _mem_ok(reference):
+        return None
+    ours_runs, ref_runs = mine.get("repeats") or [mine], reference.get("repeats") or [reference]
+    ratios = []
+    for a, b in zip(ours_runs, ref_runs):
+        if _mem_ok(a) and _mem_ok(b) and b["seconds"] > 0:
+            top = _stats_seconds(a) if stats else a["seconds"]
+            if top is not None:
+                ratios.append(top / b["seconds"])
+    return float(statistics.median(ratios)) if ratios else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +529,7 @@ def bench_model(entry: zoo.SharedModel, folder: Path, args) -> Dict[str, Any]:
         tools = MEMORY_TOOLS + ((MEMORY_ENTROPY,) if args.with_entropy else ())
         row["memory"] = bench_memory(entry, fp32, folder, samples=args.memory_samples, tools=tools,
                                      ours_opts=args.ours_options, limit_mb=args.memory_limit_mb,
-                                     timeout=args.memory_timeout)
+                                     timeout=args.memory_timeout, repeats=args.memory_repeats)
     row["seconds"] = time.perf_counter() - started
     return row
 
@@ -623,7 +677,8 @@ def memory_table(rows: List[Dict[str, Any]], samples: Sequence[str]) -> str:
     headers = ["model", "calibration"]
     headers += [f"time @{n}" for n in samples] + [f"peak RSS @{n} (increase)" for n in samples]
     headers += [f"peak RSS @{samples[-1]}/@{samples[0]}", f"increase @{samples[-1]}/@{samples[0]}",
-                "time / ORT MinMax " + "/".join(f"@{n}" for n in samples)]
+                "time / ORT MinMax " + "/".join(f"@{n}" for n in samples),
+                "stats / ORT MinMax " + "/".join(f"@{n}" for n in samples)]
     lines = []
     for row in rows:
         memory = row.get("memory")
@@ -651,11 +706,11 @@ def memory_table(rows: List[Dict[str, Any]], samples: Sequence[str]) -> str:
             both = _mem_ok(first) and _mem_ok(last)
             line.append(benchlib.ratio(last["peak_rss_mb"], first["peak_rss_mb"]) if both else "n/a")
             line.append(benchlib.ratio(last["peak_increase_mb"], first["peak_increase_mb"]) if both else "n/a")
-            times = []
-            for n in samples:
-                mine, ref = runs.get(n), (reference or {}).get("runs", {}).get(n)
-                times.append(benchlib.ratio(mine["seconds"], ref["seconds"]) if _mem_ok(mine) and _mem_ok(ref) else "n/a")
-            line.append("/".join(times))
+            for stats in (False, True):
+                ratios = [paired_ratio(runs.get(n), (reference or {}).get("runs", {}).get(n), stats=stats)
+                          for n in samples]
+                line.append("" if stats and tool["name"] != "ours" else
+                            "/".join("n/a" if r is None else f"{r:.2f}x" for r in ratios))
             lines.append(line)
     if not lines:
         return ""
@@ -696,20 +751,23 @@ def target_checks(row: Dict[str, Any], threads: Sequence[str], samples: Sequence
         which = f" ({_label(best)})" if best else ""
         add(f"faster than ORT best{which} at {t}T", _x(value), None if value is None else value < 1.0)
     memory = {m["name"]: m for m in row.get("memory") or []}
-    if "ours" in memory and len(samples) >= 2:
-        first, last = memory["ours"]["runs"].get(samples[0]), memory["ours"]["runs"].get(samples[-1])
-        growth = last["peak_increase_mb"] / first["peak_increase_mb"] if _mem_ok(first) and _mem_ok(last) and \
-            first["peak_increase_mb"] > 0 else None
-        add(f"calibration RSS increase @{samples[-1]} ≤ {MAX_RSS_GROWTH}x @{samples[0]}", _x(growth),
-            None if growth is None else growth <= MAX_RSS_GROWTH)
+    if "ours" in memory:
+        if len(samples) >= 2:
+            first, last = memory["ours"]["runs"].get(samples[0]), memory["ours"]["runs"].get(samples[-1])
+            growth = last["peak_increase_mb"] / first["peak_increase_mb"] if _mem_ok(first) and _mem_ok(last) and \
+                first["peak_increase_mb"] > 0 else None
+            add(f"calibration RSS increase @{samples[-1]} ≤ {MAX_RSS_GROWTH}x @{samples[0]}", _x(growth),
+                None if growth is None else growth <= MAX_RSS_GROWTH)
         if "ort_minmax" in memory:
             for n in samples:
                 mine, ref = memory["ours"]["runs"].get(n), memory["ort_minmax"]["runs"].get(n)
-                value = mine["seconds"] / ref["seconds"] if _mem_ok(mine) and _mem_ok(ref) else None
-                add(f"whole pass time ≤ ORT MinMax @{n}", _x(value), None if value is None else value <= 1.0)
-                step = ((mine or {}).get("pass_timings") or {}).get("calibration")
-                value = step / ref["seconds"] if step is not None and _mem_ok(mine) and _mem_ok(ref) else None
-                add(f"calibration statistics time ≤ ORT MinMax @{n}", _x(value), None if value is None else value <= 1.0)
+                count = len((mine or {}).get("repeats") or [mine])
+                median = f"median of {count} paired runs" if count > 1 else "one run"
+                value = paired_ratio(mine, ref)
+                add(f"whole pass time ≤ ORT MinMax @{n} ({median})", _x(value), None if value is None else value <= 1.0)
+                value = paired_ratio(mine, ref, stats=True)
+                add(f"calibration statistics time ≤ ORT MinMax @{n} ({median})", _x(value),
+                    None if value is None else value <= 1.0)
     return checks
 
 
@@ -777,7 +835,10 @@ def render(results: Dict[str, Any]) -> str:
             "counts the parent's RSS at fork in it); increase = that peak minus the RSS before the call "
             "(the quantizer's own memory); the ratio columns compare the largest and smallest sample counts. Pools "
             "smaller than the sample count are cycled (the same decoded arrays again; ImageNet has 500 images). "
-            "ORT rows use int8 activations.",
+            "ORT rows use int8 activations. Ours and ORT MinMax ran "
+            f"{settings.get('memory_repeats', 1)} times per cell, interleaved (the order rotating every repeat): their "
+            "cells give medians, and time / ORT MinMax is the median of the per-repeat ratios (stats / ORT MinMax: "
+            "our statistics step alone, the part comparable with a calibrator, against ORT MinMax's whole call).",
         ]
     machine = f" Machine: {settings['machine']}." if settings.get("machine") else ""
     parts += ["", f"Command: `{results.get('command', '')}`. Wall time {results.get('wall_seconds', 0) / 60:.1f} min.{machine}"]
@@ -838,6 +899,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="also measure quantize_static Entropy (slow, and memory-hungry)")
     memory.add_argument("--memory-limit-mb", type=float, default=DEFAULT_MEMORY_LIMIT_MB, metavar="MB",
                         help="kill a worker whose RSS passes this (default %(default)g; 0 = no limit)")
+    memory.add_argument("--memory-repeats", type=int, default=DEFAULT_MEMORY_REPEATS, metavar="N",
+                        help="runs of ours and ORT MinMax per cell, interleaved; the table gives medians and the "
+                             "median of the per-run ratios (default %(default)s)")
     memory.add_argument("--memory-timeout", type=float, default=DEFAULT_MEMORY_TIMEOUT, metavar="S",
                         help="kill a worker running longer than this (default %(default)g)")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
@@ -850,6 +914,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.threads = _int_list(args.threads, "--threads")
     args.memory_samples = _int_list(args.memory_samples, "--memory-samples")
     args.memory_models = _keys(args.memory_models, "--memory-models")
+    if args.memory_repeats < 1:
+        raise SystemExit("error: --memory-repeats must be >= 1")
     try:
         args.ours_options = json.loads(args.ours_options)
     except json.JSONDecodeError as exc:
@@ -891,6 +957,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "threads": args.threads, "ours_options": args.ours_options,
             "memory_samples": args.memory_samples if args.memory else [],
             "memory_models": args.memory_models if args.memory else [],
+            "memory_repeats": args.memory_repeats,
             "onnxruntime": onnxruntime.__version__,
             "machine": benchlib.machine(),
         },
