@@ -691,7 +691,7 @@ def memory_table(rows: List[Dict[str, Any]], samples: Sequence[str]) -> str:
             for n in samples:
                 run = runs.get(n)
                 if _mem_ok(run):
-                    step = (run.get("pass_timings") or {}).get("calibration")
+                    step = _stats_seconds(run)
                     line.append(benchlib.seconds(run["seconds"]) + (f" (stats {benchlib.seconds(step)})" if step is not None else ""))
                 elif run and run.get("status") == "killed":
                     line.append(f"killed ({run.get('killed_by', '?')})")
