@@ -476,6 +476,16 @@ class _Builder:
     def member(self, node: gs.Node, index: int, axis: int, ids: np.ndarray, role: str, input_tensor=None) -> None:
         self.dg.members.append(Member(node, index, axis, np.asarray(ids, np.int64), role, input_tensor))
 
+    def bias_member(self, node: gs.Node, out_ids: np.ndarray) -> None:
+        """A conv's bias is sliced with its output channels; a bias computed at run time cannot be."""
+        bias = _input(node, 2)
+        if bias is None:
+            return
+        if isinstance(bias, gs.Constant):
+            self.member(node, 2, 0, out_ids, "out")
+        else:
+            self.dg.freeze(out_ids, f"{node.op} {node.name}: its bias is computed at run time")
+
     def fixup(self, kind: str, node: gs.Node, **data) -> None:
         self.dg.fixups.append(Fixup(kind, node, data))
 
@@ -537,8 +547,7 @@ class _Builder:
         group = int(node.attrs.get("group", 1))
         out_ids = self.dg.new_ids(cout, node.name)
         self.member(node, 1, 0, out_ids, "out")
-        if _input(node, 2) is not None:
-            self.member(node, 2, 0, out_ids, "out")
+        self.bias_member(node, out_ids)
         in_ids = None
         if group == 1:
             if layout is not None:
@@ -569,8 +578,7 @@ class _Builder:
             layout = None
         cout_g = weight.shape[1]
         out_ids = self.dg.new_ids(cout_g * group, node.name)
-        if _input(node, 2) is not None:
-            self.member(node, 2, 0, out_ids, "out")
+        self.bias_member(node, out_ids)
         in_ids = None
         if group == 1:
             self.member(node, 1, 1, out_ids, "out")
@@ -614,9 +622,12 @@ class _Builder:
         n_out = b.shape[0] if trans_b else b.shape[1]
         out_ids = self.dg.new_ids(n_out, node.name)
         self.member(node, 1, 0 if trans_b else 1, out_ids, "out")
-        bias = _const(_input(node, 2))
+        c = _input(node, 2)
+        bias = _const(c)
         if bias is not None and bias.ndim >= 1 and bias.shape[-1] == n_out and n_out > 1:
             self.member(node, 2, bias.ndim - 1, out_ids, "out")
+        elif c is not None and bias is None:
+            self.dg.freeze(out_ids, f"Gemm {node.name}: its C input is computed at run time")
         self.weight_layer(node, in_ids, out_ids)
         self.set(node.outputs[0], 1, out_ids)
 

@@ -67,7 +67,9 @@ class Model:
         """Import, normalising exporter quirks so every pass sees one canonical form.
 
         - initializers also listed as graph inputs (IR-3 era exports) become plain weights;
-        - weights in ``Constant`` nodes (paddle2onnx style) become initializers.
+        - weights in ``Constant`` nodes (paddle2onnx style) become initializers;
+        - ``Identity`` nodes that pass on an initializer (torch.onnx's deduplicated parameters)
+          become initializers of their own.
         """
         if copy:
             proto = _copy_proto(proto)
@@ -341,8 +343,8 @@ def emit_ir_version(current: int, opset_imports) -> int:
 
 
 def normalize_proto(proto: onnx.ModelProto) -> None:
-    """In place: initializers out of graph inputs, Constant-node weights into initializers,
-    sparse initializers made dense (graph-surgeon ignores them)."""
+    """In place: initializers out of graph inputs, Constant-node weights and Identity copies of
+    initializers into initializers, sparse initializers made dense (graph-surgeon ignores them)."""
     graph = proto.graph
     if len(graph.sparse_initializer):
         from .storage import densify_sparse_initializers
@@ -354,16 +356,36 @@ def normalize_proto(proto: onnx.ModelProto) -> None:
         del graph.input[:]
         graph.input.extend(inputs)
     kept_nodes = []
-    for node in graph.node:
+    initializers = {init.name: init for init in graph.initializer}
+    graph_outputs = {out.name for out in graph.output}
+    for node in graph.node:  # topological order, so chains of Identity resolve in one sweep
         tensor = _constant_node_tensor(node)
+        if tensor is None:
+            tensor = _constant_identity_tensor(node, initializers, graph_outputs)
         if tensor is None:
             kept_nodes.append(node)
             continue
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
+        initializers[tensor.name] = tensor
     if len(kept_nodes) != len(graph.node):
         del graph.node[:]
         graph.node.extend(kept_nodes)
+
+
+def _constant_identity_tensor(node: onnx.NodeProto, initializers: Dict[str, onnx.TensorProto],
+                              graph_outputs) -> Optional[onnx.TensorProto]:
+    """A copy of the weight an ``Identity`` passes on, under the Identity's output name.
+
+    torch.onnx's TorchScript exporter stores parameters with equal values once and reads the
+    others through ``Identity``; as separate weights each layer can be sliced, sparsified or
+    quantized on its own (a graph output stays the Identity's)."""
+    if (node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.input) != 1
+            or node.input[0] not in initializers or node.output[0] in graph_outputs):
+        return None
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(initializers[node.input[0]])
+    return tensor
 
 
 def _constant_node_tensor(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:

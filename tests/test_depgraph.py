@@ -166,6 +166,54 @@ def test_channel_shuffle_and_reduction_over_channels_freeze_with_a_reason():
     assert any("Softmax" in r for g in dg.groups for r in g.frozen)
 
 
+def _runtime_bias_model() -> onnx.ModelProto:
+    """Conv -> Conv and Gemm -> Gemm, where the second conv's bias and the first Gemm's C are
+    model inputs rather than weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    inits = [weight("wa", 6, 3, 3, 3), weight("ba", 6), weight("wb", 5, 6, 1, 1), weight("wg", 5, 7),
+             weight("wg2", 7, 2), weight("cg2", 2)]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "wb", "bias_in"], ["b"]),
+        helper.make_node("Relu", ["b"], ["br"]),
+        helper.make_node("GlobalAveragePool", ["br"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg", "c_in"], ["g"]),
+        helper.make_node("Relu", ["g"], ["gr"]),
+        helper.make_node("Gemm", ["gr", "wg2", "cg2"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+              helper.make_tensor_value_info("bias_in", TensorProto.FLOAT, [5]),
+              helper.make_tensor_value_info("c_in", TensorProto.FLOAT, [7])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_biases_computed_at_run_time_freeze_their_channels():
+    proto = _runtime_bias_model()
+    model = Model.from_proto(proto)
+    dg = build_dependency_graph(model)
+    reasons = [r for g in dg.groups for r in g.frozen]
+    assert any("bias is computed at run time" in r for r in reasons), reasons
+    assert any("C input is computed at run time" in r for r in reasons), reasons
+    assert [g.channels for g in dg.prunable_groups] == [6]  # the first conv's outputs only
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32),
+            "bias_in": rng.standard_normal(5).astype(np.float32), "c_in": rng.standard_normal(7).astype(np.float32)}
+    prune_channels(model, dg, dg.prunable_groups[0].units[:2])
+    onnx.checker.check_model(model.to_proto(), full_check=True)
+    assert _run(model, feed)[0].shape == (1, 2)
+
+
 def test_graph_outputs_are_frozen():
     model = _folded(test_models.build("conv_chain"))
     dg = build_dependency_graph(model)

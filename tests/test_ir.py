@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -47,6 +48,45 @@ def constant_node_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model
+
+
+def deduplicated_parameters_model() -> onnx.ModelProto:
+    """torch.onnx (TorchScript) style: equal parameters stored once, the others read through
+    Identity; one Identity (of a weight) also feeds a graph output."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b1"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["b1"], ["b2"]),
+        helper.make_node("Identity", ["b2"], ["b3"]),  # a chain resolves too
+        helper.make_node("Identity", ["w2"], ["w2_out"]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Conv", ["c1", "w2", "b3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2]),
+         helper.make_tensor_value_info("w2_out", TensorProto.FLOAT, [4, 4, 1, 1])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_identity_copies_of_weights_become_weights_of_their_own():
+    source = deduplicated_parameters_model()
+    model = Model.from_proto(source)
+    second = next(n for n in model.graph.nodes if n.op == "Conv" and n.outputs[0].name == "y")
+    assert isinstance(second.inputs[2], gs.Constant) and second.inputs[2].name == "b3"
+    assert [n.op for n in model.graph.nodes if n.op == "Identity"] == ["Identity"]  # the graph output's
+    proto = model.to_proto()
+    onnx.checker.check_model(proto, full_check=True)
+    x = np.random.default_rng(1).standard_normal((1, 3, 2, 2)).astype(np.float32)
+    for ref, out in zip(run_model(source, {"x": x}), run_model(proto, {"x": x})):
+        np.testing.assert_array_equal(ref, out)
 
 
 def test_initializers_listed_as_inputs_become_plain_weights():
