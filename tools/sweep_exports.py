@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Every pass on real PyTorch exports: torchvision architectures through both torch.onnx exporters.
+
+    python tools/sweep_exports.py [--models resnet18,mobilenet_v2,...] [--exporters torchscript,dynamo]
+                                  [--passes fold,prune,quant,sparsify,lowrank] [--folder DIR]
+                                  [--torch-python PY] [--samples 16] [--json out.json] [--markdown out.md]
+
+The shared models are one export each; a user's models come from whatever exporter they ran.
+This sweep exports torchvision's architectures (random weights, seed 0: no download; three
+batches of random data in training mode first, so BatchNorm holds non-trivial statistics) with
+torch.onnx's TorchScript exporter (opset 17) and its dynamo exporter (opset 18, torch's default
+since 2.9), then runs each pass through the command line as a user would, on random inputs
+(``--random-inputs``: this checks the graph handling, not accuracy):
+
+- ``fold``; ``prune --prune-ratio 0.3`` (no data, so the pruned model is not expected to match:
+  the check is that it is valid and runs); ``quant`` and ``sparsify --sparsity 0.5
+  --sparsify-mode uniform`` (OBS refit) and ``lowrank --target-macs 0.75`` on the random
+  samples, verified against the original (the cosine gate's outcome is reported, not required).
+- Per file: the dependency graph's share of conv channels in prunable groups (issue 3: at least
+  80% on ResNet- and MobileNet-style graphs) and the commonest reason a group is frozen.
+- Per run: the exit code (0 passed the gate, 1 failed it, 2 error), whether the written model
+  passes ``onnx.checker`` (full check) and loads in onnxruntime, the output cosine against the
+  original, and the wall time.
+
+Exports need torch and torchvision (not dependencies of this tool): give ``--torch-python`` a
+Python that has them, or run this script with one. Exported files are cached in ``--folder``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402  (also puts the repo on sys.path)
+
+ARCHITECTURES = {
+    # name: (torchvision builder expression, input size)
+    "resnet18": ("models.resnet18()", 224),
+    "resnet50": ("models.resnet50()", 224),
+    "mobilenet_v2": ("models.mobilenet_v2()", 224),
+    "mobilenet_v3_small": ("models.mobilenet_v3_small()", 224),
+    "mobilenet_v3_large": ("models.mobilenet_v3_large()", 224),
+    "efficientnet_b0": ("models.efficientnet_b0()", 224),
+    "mnasnet0_5": ("models.mnasnet0_5()", 224),
+    "shufflenet_v2": ("models.shufflenet_v2_x1_0()", 224),
+    "regnet_y_400mf": ("models.regnet_y_400mf()", 224),
+    "densenet121": ("models.densenet121()", 224),
+    "googlenet": ("models.googlenet(aux_logits=False, init_weights=True)", 224),
+    "convnext_tiny": ("models.convnext_tiny()", 224),
+    "lraspp_mobilenet_v3": ("models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)", 320),
+    "deeplabv3_mobilenet_v3": ("models.segmentation.deeplabv3_mobilenet_v3_large("
+                               "weights=None, weights_backbone=None, aux_loss=False)", 320),
+}
+EXPORTERS = {"torchscript": {"dynamo": False, "opset": 17}, "dynamo": {"dynamo": True, "opset": 18}}
+DEFAULT_PASSES = ("fold", "prune", "quant", "sparsify", "lowrank")
+
+
+def pass_arguments(name: str, samples: int) -> List[str]:
+    random = ["--random-inputs", str(samples)]
+    return {
+        "fold": ["--passes", "fold", *random],
+        "prune": ["--passes", "prune", "--prune-ratio", "0.3", "--no-verify"],
+        "quant": ["--passes", "quant", "--quant-samples", str(samples), *random],
+        "sparsify": ["--passes", "sparsify", "--sparsity", "0.5", "--sparsify-mode", "uniform",
+                     "--sparsify-samples", str(samples), *random],
+        "lowrank": ["--passes", "lowrank", "--target-macs", "0.75", "--lowrank-samples", str(samples), *random],
+    }[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Export (runs where torch is)
+# --------------------------------------------------------------------------------------------
+
+
+def export_worker(spec: Dict[str, Any]) -> None:
+    import warnings
+
+    import torch
+    from torchvision import models  # noqa: F401  (used by the builder expressions)
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    expression, size = ARCHITECTURES[spec["model"]]
+    net = eval(expression)  # noqa: S307  (a fixed table above)
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.randn(4, 3, size, size))
+
+    class Single(torch.nn.Module):  # segmentation models return a dict
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y["out"] if isinstance(y, dict) else y
+
+    wrapped = Single(net).eval()
+    options = EXPORTERS[spec["exporter"]]
+    torch.onnx.export(wrapped, (torch.randn(1, 3, size, size),), spec["output"], input_names=["input"],
+                      output_names=["output"], opset_version=options["opset"], dynamo=options["dynamo"],
+                      external_data=False)
+
+
+def export(model: str, exporter: str, output: Path, python: str) -> Optional[str]:
+    """None when ``output`` exists or was written, else the error's last line."""
+    if output.exists():
+        return None
+    spec = {"model": model, "exporter": exporter, "output": str(output)}
+    process = subprocess.run([python, str(Path(__file__).resolve()), "--export-worker", json.dumps(spec)],
+                             capture_output=True, text=True)
+    if process.returncode == 0 and output.exists():
+        return None
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    return (lines[-1] if lines else f"exit code {process.returncode}")[:200]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks (run here)
+# --------------------------------------------------------------------------------------------
+
+
+def graph_summary(path: Path) -> Dict[str, Any]:
+    from onnxslim_cv.depgraph import build_dependency_graph
+    from onnxslim_cv.model_io import load_model
+
+    model = load_model(path)
+    dg = build_dependency_graph(model)
+    summary = dg.summary()
+    reasons: Counter = Counter()
+    for group in dg.groups:
+        if group.frozen and any(dg._is_conv_source(s) for s in group.sources):
+            reasons[group.frozen[0]] += group.channels
+    ops = Counter(node.op for node in model.graph.nodes)
+    return {"conv_channels": summary["conv_channels"], "prunable_conv_channels": summary["prunable_conv_channels"],
+            "frozen": reasons.most_common(3), "nodes": len(model.graph.nodes), "ops": dict(ops)}
+
+
+def run_pass(path: Path, name: str, samples: int, folder: Path) -> Dict[str, Any]:
+    import onnx
+
+    from onnxslim_cv import runtime
+
+    output = folder / f"{path.stem}.{name}.out.onnx"
+    report = folder / f"{path.stem}.{name}.report.json"
+    for stale in (output, report):
+        stale.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "onnxslim_cv", str(path), str(output), *pass_arguments(name, samples), "--keep-failed",
+               "--report-json", str(report)]
+    started = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, text=True)
+    result: Dict[str, Any] = {"rc": process.returncode, "seconds": time.perf_counter() - started}
+    if process.returncode not in (0, 1):
+        lines = [line for line in process.stderr.splitlines() if line.strip()]
+        result["error"] = lines[-1][:300] if lines else f"exit code {process.returncode}"
+    if output.exists():
+        try:
+            onnx.checker.check_model(str(output), full_check=True)
+            runtime.make_session(str(output))
+            result["valid"] = True
+        except Exception as exc:  # noqa: BLE001  (what the sweep reports)
+            result["valid"] = False
+            result["error"] = benchlib.error_text(exc)[:300]
+        output.unlink()
+    if report.exists():
+        data = json.loads(report.read_text())
+        verification = data.get("verification") or {}
+        cosines = [o.get("cosine_mean") for o in verification.get("outputs") or [] if isinstance(o, dict)]
+        result["cosine"] = min(c for c in cosines if c is not None) if any(c is not None for c in cosines) else None
+        passes = data.get("passes") or []
+        if passes and passes[0].get("before", {}).get("macs"):
+            result["macs"] = passes[-1]["after"]["macs"] / passes[0]["before"]["macs"]
+        report.unlink()
+    return result
+
+
+def cell(run: Dict[str, Any]) -> str:
+    if run.get("rc") not in (0, 1) or run.get("valid") is False:
+        return f"**error**: {run.get('error', '?')}".replace("|", "/")
+    parts = ["valid"]
+    if run.get("macs") is not None and abs(run["macs"] - 1.0) > 1e-6:
+        parts.append(f"MACs {run['macs']:.2f}x")
+    if run.get("cosine") is not None:
+        parts.append(f"cos {run['cosine']:.4f}")
+    parts.append(benchlib.seconds(run["seconds"]))
+    return ", ".join(parts)
+
+
+def table(rows: List[Dict[str, Any]], passes: Sequence[str]) -> str:
+    headers = ["model", "exporter", "nodes", "prunable conv channels", "commonest frozen reason"] + list(passes)
+    lines = []
+    for row in rows:
+        if row.get("export_error"):
+            lines.append([row["model"], row["exporter"], "", "", f"export failed: {row['export_error']}".replace("|", "/")]
+                         + [""] * len(passes))
+            continue
+        graph = row["graph"]
+        share = graph["prunable_conv_channels"] / max(1, graph["conv_channels"])
+        frozen = graph["frozen"][0] if graph["frozen"] else None
+        lines.append([row["model"], row["exporter"], str(graph["nodes"]),
+                      f"{graph['prunable_conv_channels']}/{graph['conv_channels']} ({share:.0%})",
+                      f"{frozen[1]} ch: {frozen[0][:90]}".replace("|", "/") if frozen else ""]
+                     + [cell(row["runs"][p]) for p in passes])
+    return benchlib.markdown_table(headers, lines, align="l" * len(headers))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated, from: " + ", ".join(ARCHITECTURES))
+    parser.add_argument("--exporters", default=",".join(EXPORTERS), help="torchscript, dynamo")
+    parser.add_argument("--passes", default=",".join(DEFAULT_PASSES))
+    parser.add_argument("--folder", default="sweep-exports", help="where exports are cached (default ./sweep-exports)")
+    parser.add_argument("--torch-python", default=sys.executable, help="a Python with torch and torchvision for the exports")
+    parser.add_argument("--samples", type=int, default=16, help="random samples for the data-driven passes")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    parser.add_argument("--export-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.export_worker:
+        export_worker(json.loads(args.export_worker))
+        return 0
+    models = [m for m in args.models.split(",") if m]
+    exporters = [e for e in args.exporters.split(",") if e]
+    passes = [p for p in args.passes.split(",") if p]
+    unknown = [m for m in models if m not in ARCHITECTURES] + [e for e in exporters if e not in EXPORTERS] + [
+        p for p in passes if p not in DEFAULT_PASSES]
+    if unknown:
+        print(f"sweep_exports: unknown: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    benchlib.quiet("")
+    started = time.perf_counter()
+    rows = []
+    for model in models:
+        for exporter in exporters:
+            path = folder / f"{model}.{exporter}.onnx"
+            benchlib.progress(f"{model} ({exporter}) ...")
+            row: Dict[str, Any] = {"model": model, "exporter": exporter, "runs": {}}
+            rows.append(row)
+            problem = export(model, exporter, path, args.torch_python)
+            if problem:
+                row["export_error"] = problem
+                benchlib.progress(f"  export failed: {problem}")
+                continue
+            row["graph"] = graph_summary(path)
+            for name in passes:
+                row["runs"][name] = run_pass(path, name, args.samples, folder)
+                benchlib.progress(f"  {name}: {cell(row['runs'][name])}")
+    text = table(rows, passes)
+    minutes = (time.perf_counter() - started) / 60
+    text += (f"\n\nWall time {minutes:.1f} min; {args.samples} random samples; "
+             f"{benchlib.machine()}; torch.onnx exporters: {', '.join(exporters)}.\n")
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    benchlib.write_json(args.json, {"rows": rows, "minutes": minutes, "samples": args.samples})
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    sys.exit(main())
