@@ -20,12 +20,20 @@ def test_every_pass_command_runs_and_its_output_is_checked(tool, tmp_path):
     onnx.save(test_models.build("mobilenetv2_block"), str(path))
     summary = tool.graph_summary(path)
     assert summary["prunable_conv_channels"] >= 0.8 * summary["conv_channels"] > 0
+    assert summary["frozen"] == []  # its graph output is frozen by design, which the summary leaves out
     for name in tool.DEFAULT_PASSES:
         run = tool.run_pass(path, name, 8, tmp_path)
         assert run["rc"] in (0, 1), (name, run)
         assert run["valid"] is True, (name, run)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block.onnx"]  # outputs and reports cleaned up
     assert tool.run_pass(path, "prune", 8, tmp_path)["macs"] < 1.0
+
+
+def test_frozen_groups_are_summarised_by_their_reason(tool, tmp_path):
+    path = tmp_path / "shuffle.onnx"
+    onnx.save(test_models.build("channel_shuffle"), str(path))
+    frozen = tool.graph_summary(path)["frozen"]
+    assert frozen and "channel shuffle" in frozen[0][0] and frozen[0][1] > 0
 
 
 def test_a_failed_run_and_a_failed_export_show_in_the_table(tool):
