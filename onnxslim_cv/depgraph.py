@@ -1026,12 +1026,16 @@ class _Builder:
             return
         axis = int(node.attrs.get("axis", 0)) % len(dims)
         if axis == layout.axis:
-            if indices.ndim != 1:
+            # 1-D indices, or one non-unit dim (torch.onnx's dynamo exporter writes as_strided as a
+            # Gather of an [1, C, 1, 1] index tensor): the channels land on that dim
+            wide = [d for d, size in enumerate(indices.shape) if size != 1]
+            if indices.ndim == 0 or (indices.ndim > 1 and (len(wide) != 1 or indices.size < 2)):
                 self.freeze_inputs(node, "gathers single channels")
                 return
-            picked = indices.astype(np.int64) % len(layout.ids)
-            self.fixup("gather", node, picked=picked, ids=layout.ids)
-            self.set(node.outputs[0], axis, layout.ids[picked])
+            slot = wide[0] if indices.ndim > 1 else 0
+            picked = indices.reshape(-1).astype(np.int64) % len(layout.ids)
+            self.fixup("gather", node, picked=picked, ids=layout.ids, shape=indices.shape, slot=slot)
+            self.set(node.outputs[0], axis + slot, layout.ids[picked])
             return
         new_axis = layout.axis
         if axis < layout.axis:
@@ -1279,7 +1283,9 @@ def _apply_fixup(dg: DependencyGraph, fixup: Fixup, removed: np.ndarray) -> bool
         new_index = np.cumsum(keep) - 1
         picked = data["picked"][keep[data["picked"]]]
         dtype = node.inputs[1].values.dtype
-        replace_constant_values(graph, node, 1, new_index[picked].astype(dtype))
+        shape = list(data.get("shape", picked.shape))
+        shape[data.get("slot", 0)] = len(picked)
+        replace_constant_values(graph, node, 1, new_index[picked].astype(dtype).reshape(shape))
         return True
     if fixup.kind == "resize_sizes":
         sizes = np.array(node.inputs[3].values, copy=True)

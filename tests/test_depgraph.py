@@ -214,6 +214,37 @@ def test_biases_computed_at_run_time_freeze_their_channels():
     assert _run(model, feed)[0].shape == (1, 2)
 
 
+def test_gather_with_one_wide_index_dim_keeps_the_channels():
+    """torch.onnx's dynamo exporter writes ``as_strided`` after a pooled map as Reshape(-1) and a
+    Gather of an [1, C, 1, 1] index tensor (ConvNeXt's head)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+             numpy_helper.from_array(np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1), "strided"),
+             numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "wg")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("ReduceMean", ["r"], ["m"], axes=[2, 3], keepdims=1),
+        helper.make_node("Reshape", ["m", "flat"], ["v"]),
+        helper.make_node("Gather", ["v", "strided"], ["s"], axis=0),
+        helper.make_node("Flatten", ["s"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    dg = build_dependency_graph(_folded(proto))
+    assert [g.channels for g in dg.prunable_groups] == [6]
+    model, *_ = _assert_exact_removal(proto, {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}, fraction=0.5)
+    gather = next(n for n in model.graph.nodes if n.op == "Gather")
+    assert gather.inputs[1].values.shape == (1, 3, 1, 1)
+
+
 def test_graph_outputs_are_frozen():
     model = _folded(test_models.build("conv_chain"))
     dg = build_dependency_graph(model)
