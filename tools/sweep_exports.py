@@ -120,11 +120,14 @@ def export(model: str, exporter: str, output: Path, python: str) -> Optional[str
     """None when ``output`` exists or was written, else the error's last line."""
     if output.exists():
         return None
-    spec = {"model": model, "exporter": exporter, "output": str(output)}
+    partial = output.with_suffix(".partial")  # renamed once whole, so an interrupted export is not cached
+    spec = {"model": model, "exporter": exporter, "output": str(partial)}
     process = subprocess.run([python, str(Path(__file__).resolve()), "--export-worker", json.dumps(spec)],
                              capture_output=True, text=True)
-    if process.returncode == 0 and output.exists():
+    if process.returncode == 0 and partial.exists():
+        partial.replace(output)
         return None
+    partial.unlink(missing_ok=True)
     lines = [line for line in process.stderr.splitlines() if line.strip()]
     return (lines[-1] if lines else f"exit code {process.returncode}")[:200]
 
