@@ -77,6 +77,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def graph_model(graph: onnx.GraphProto, opset: int = 13) -> onnx.ModelProto:
+    """A hand-built graph as a model onnxruntime loads (onnx 1.23 would stamp IR 14 on it)."""
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 def run_model(model, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
     source = model if isinstance(model, (str, Path)) else model
     session = runtime.make_session(str(source) if isinstance(source, Path) else source)

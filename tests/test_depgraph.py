@@ -18,6 +18,8 @@ from onnxslim_cv.pipeline import get_pass
 from onnxslim_cv.testing import models as test_models
 from onnxslim_cv.testing import zoo
 
+from .conftest import graph_model
+
 APPROXIMATE = ("LayerNormalization",)  # statistics over the channels shift when pruned
 
 
@@ -192,10 +194,8 @@ def _runtime_bias_model() -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
               helper.make_tensor_value_info("bias_in", TensorProto.FLOAT, [5]),
               helper.make_tensor_value_info("c_in", TensorProto.FLOAT, [7])]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return graph_model(helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                                         inits))
 
 
 def test_biases_computed_at_run_time_freeze_their_channels():
@@ -236,8 +236,7 @@ def test_gather_with_one_wide_index_dim_keeps_the_channels():
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    proto.ir_version = 8
+    proto = graph_model(graph)
     dg = build_dependency_graph(_folded(proto))
     assert [g.channels for g in dg.prunable_groups] == [6]
     model, *_ = _assert_exact_removal(proto, {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}, fraction=0.5)

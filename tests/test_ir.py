@@ -12,7 +12,7 @@ from onnxslim_cv.ir import Model, emit_ir_version
 from onnxslim_cv.model_io import load_model
 from onnxslim_cv.testing import models
 
-from .conftest import run_model
+from .conftest import graph_model, run_model
 
 
 def ir3_model_with_initializer_inputs() -> onnx.ModelProto:
@@ -71,9 +71,7 @@ def deduplicated_parameters_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2]),
          helper.make_tensor_value_info("w2_out", TensorProto.FLOAT, [4, 4, 1, 1])], inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return graph_model(graph)
 
 
 def test_identity_copies_of_weights_become_weights_of_their_own():
