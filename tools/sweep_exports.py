@@ -128,8 +128,13 @@ def export(model: str, exporter: str, output: Path, python: str) -> Optional[str
         partial.replace(output)
         return None
     partial.unlink(missing_ok=True)
+    return _last_line(process)[:200]
+
+
+def _last_line(process: subprocess.CompletedProcess) -> str:
+    """What a failed run said last on stderr (its one-line error), else its exit code."""
     lines = [line for line in process.stderr.splitlines() if line.strip()]
-    return (lines[-1] if lines else f"exit code {process.returncode}")[:200]
+    return lines[-1] if lines else f"exit code {process.returncode}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,8 +174,7 @@ def run_pass(path: Path, name: str, samples: int, folder: Path) -> Dict[str, Any
     process = subprocess.run(command, capture_output=True, text=True)
     result: Dict[str, Any] = {"rc": process.returncode, "seconds": time.perf_counter() - started}
     if process.returncode not in (0, 1):
-        lines = [line for line in process.stderr.splitlines() if line.strip()]
-        result["error"] = lines[-1][:300] if lines else f"exit code {process.returncode}"
+        result["error"] = _last_line(process)[:300]
     if output.exists():
         try:
             onnx.checker.check_model(str(output), full_check=True)
@@ -184,7 +188,8 @@ def run_pass(path: Path, name: str, samples: int, folder: Path) -> Dict[str, Any
         data = json.loads(report.read_text())
         verification = data.get("verification") or {}
         cosines = [o.get("cosine_mean") for o in verification.get("outputs") or [] if isinstance(o, dict)]
-        result["cosine"] = min(c for c in cosines if c is not None) if any(c is not None for c in cosines) else None
+        cosines = [c for c in cosines if c is not None]
+        result["cosine"] = min(cosines) if cosines else None
         passes = data.get("passes") or []
         if passes and passes[0].get("before", {}).get("macs"):
             result["macs"] = passes[-1]["after"]["macs"] / passes[0]["before"]["macs"]
