@@ -8,7 +8,7 @@ of samples.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -19,14 +19,23 @@ from .ir import Model
 DEFAULT_BATCH = 16
 
 
-def tap_session(model: Model, names: Sequence[str], *, threads: Optional[int] = None, dynamic_batch: Optional[bool] = None):
+def tap_session(model: Union[Model, onnx.ModelProto], names: Sequence[str], *, threads: Optional[int] = None,
+                dynamic_batch: Optional[bool] = None, only: bool = False):
     """An onnxruntime session whose outputs include ``names``.
 
     A model exported with a fixed batch of 1 would make every calibration pass run one sample
     at a time; when its graph allows it (``dynamic_batch``; None probes with
-    :func:`batch_can_grow`), this session's copy gets a symbolic batch dim.
+    :func:`batch_can_grow`), this session's copy gets a symbolic batch dim. ``only``: the
+    session computes ``names`` alone, without the nodes they do not depend on
+    (:func:`runtime.only_outputs`), for passes that walk a model stage by stage. ``model`` may
+    be a ModelProto serialized once for many sessions (it is copied, not changed).
     """
-    proto = runtime.with_outputs(model.to_proto(), names)
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    else:
+        proto = model.to_proto()
+    proto = runtime.only_outputs(proto, names) if only else runtime.with_outputs(proto, names)
     if dynamic_batch is None:
         dynamic_batch = batch_can_grow(proto)
     return runtime.make_session(_relax_batch(proto) if dynamic_batch else proto, threads=threads)

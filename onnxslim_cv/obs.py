@@ -98,6 +98,7 @@ class LayerFit:
     _pending_rows: int = 0
     _relu_point: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
     _traces: dict = field(default_factory=dict, repr=False)  # ExactOBS traces by (group, ridge, weights)
+    _solved: dict = field(default_factory=dict, repr=False)  # solve()'s cache between a stage's first solve and its Relu steps
 
 
 def refittable(layer: SparseLayer) -> Optional[str]:
@@ -249,6 +250,7 @@ def sparsegpt_sweep(
     forced_zero: Optional[np.ndarray] = None,
     prunable: Optional[np.ndarray] = None,
     block: int = BLOCK,
+    u: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Prune rows of ``w`` ``[rows, D]`` in the metric ``h`` ``[D, D]``; returns (weights, keep-mask).
 
@@ -256,13 +258,13 @@ def sparsegpt_sweep(
     per column block (``sparsity`` of each block's prunable entries) or per N:M group.
     ``forced_zero`` entries are zeroed whatever their saliency (and count towards the
     sparsity); ``prunable`` (bool ``[D]``) marks columns that may be zeroed at all (not the
-    bias column).
+    bias column). ``u``: :func:`_upper_cholesky_of_inverse` of ``h`` when the caller has it.
     """
     w = np.array(w, dtype=np.float64)
     rows, dim = w.shape
     prunable = np.ones(dim, dtype=bool) if prunable is None else prunable
     forced = np.zeros_like(w, dtype=bool) if forced_zero is None else forced_zero.astype(bool)
-    u = _upper_cholesky_of_inverse(h)
+    u = _upper_cholesky_of_inverse(h) if u is None else u
     diag = np.diag(u)
     keep = np.ones_like(w, dtype=bool) if mask is None else mask.astype(bool).copy()
     for start in range(0, dim, block):
@@ -459,8 +461,19 @@ def _output_error(fit: LayerFit, g: int, params: np.ndarray) -> Tuple[float, flo
     return max(residual, 0.0), float(fit.energy[g])
 
 
-def _magnitude_keep(prior: np.ndarray, fit: LayerFit, fixed: Optional[np.ndarray]) -> np.ndarray:
-    """The plain-magnitude keep-mask of these rows (what pruning without data would do)."""
+def _dense_optimum(fit: LayerFit, g: int, prior_aug: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Group ``g``'s dense least-squares optimum ``w_star`` ``[rows, D+b]`` in the dampened Hessian ``h``.
+
+    ``h`` is the Hessian dampened by ``damp + D / rows``: with few rows for many inputs (a
+    classifier after pooling sees one row per sample) a plain fit would match the calibration
+    set and nothing else, so the ridge towards the original weights grows with D / rows."""
+    ridge = h - fit.gram[g]  # the dampening doubles as a ridge towards the original weights
+    return np.linalg.solve(h, fit.cross[g] + ridge @ prior_aug.T).T
+
+
+def _magnitude_keep(prior: np.ndarray, fit: LayerFit, fixed: Optional[np.ndarray], cache: Optional[dict] = None) -> np.ndarray:
+    """The plain-magnitude keep-mask of these rows (what pruning without data would do);
+    ``cache`` keeps the magnitude order for the next sparsity of the same rows."""
     if fixed is not None:
         return fixed.copy()
     if fit.nm is not None:
@@ -468,17 +481,25 @@ def _magnitude_keep(prior: np.ndarray, fit: LayerFit, fixed: Optional[np.ndarray
     keep = np.ones(prior.size, dtype=bool)
     zeros = int(round(fit.sparsity * prior.size))
     if zeros:
-        keep[np.argsort(np.abs(prior).reshape(-1), kind="stable")[:zeros]] = False
+        order = None if cache is None else cache.get("magnitude order")
+        if order is None:
+            order = np.argsort(np.abs(prior).reshape(-1), kind="stable")
+            if cache is not None:
+                cache["magnitude order"] = order
+        keep[order[:zeros]] = False
     return keep.reshape(prior.shape)
 
 
 def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp: float = DAMP,
-          refit: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+          refit: bool = True, cache: Optional[dict] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """The layer's new (weight, bias) from its statistics; records mask and errors on ``fit``.
 
     ``refit=False`` applies the plain magnitude (or given) mask and leaves the kept weights
     alone, so reports can say what the reconstruction added. The returned bias is None when
-    the layer had none and the refit did not add one.
+    the layer had none and the refit did not add one. ``cache``: a dict kept between calls on
+    the same layer (several sparsities, or the Relu steps' new targets), holding what does not
+    depend on the sparsity: the dampened Hessian, the sweep's factor of ``H^-1`` and the dense
+    optimum of the last target, each ``O(D^3)`` to compute.
     """
     layer = fit.layer
     dtype = np.asarray(weight).dtype
@@ -497,7 +518,9 @@ def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp
         frozen = None if frozen_all is None else frozen_all[rows]
         widen = (lambda m: np.concatenate([m, np.ones((len(rows), 1), bool)], axis=1)) if use_bias else (lambda m: m)
         prior_aug = np.concatenate([prior, np.zeros((len(rows), 1))], axis=1) if use_bias else prior
-        magnitude = _magnitude_keep(prior, fit, fixed)
+        key = (g, float(damp), hash(prior.tobytes()), fit.rows)
+        dense = None if cache is None else cache.setdefault(key, {})
+        magnitude = _magnitude_keep(prior, fit, fixed, dense)
         if frozen is not None:
             magnitude &= frozen
         residual, energy = _output_error(fit, g, np.where(widen(magnitude), prior_aug, 0.0))
@@ -507,13 +530,14 @@ def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp
             keep = widen(magnitude)
             solution = np.where(keep, prior_aug, 0.0)
         else:
-            gram = fit.gram[g]
-            # few rows for many inputs (a classifier after pooling sees one row per sample): a
-            # plain fit would match the calibration set and nothing else, so the ridge towards
-            # the original weights grows with D / rows
-            h = _dampened(gram, damp + gram.shape[0] / max(fit.rows, 1))
-            ridge = h - gram  # the dampening doubles as a ridge towards the original weights
-            w_star = np.linalg.solve(h, fit.cross[g] + ridge @ prior_aug.T).T  # dense optimum [rows, D+b]
+            dense = {} if dense is None else dense
+            if "h" not in dense:
+                dense["h"] = _dampened(fit.gram[g], damp + fit.gram[g].shape[0] / max(fit.rows, 1))
+            h = dense["h"]
+            target = hash(fit.cross[g].tobytes())  # a Relu step changes the target, not the Hessian
+            if dense.get("target") != target:
+                dense["target"], dense["w_star"] = target, _dense_optimum(fit, g, prior_aug, h)
+            w_star = dense["w_star"]
             solution = None
             prunable = np.ones(w_star.shape[1], dtype=bool)
             if use_bias:
@@ -521,13 +545,14 @@ def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp
             forced = None if frozen is None else ~widen(frozen)
             keep = None
             if fit.exact_obs and fixed is None and fit.nm is None and fit.sparsity > 0:
-                key = (g, float(damp), hash(prior.tobytes()))
                 keep = _exact_obs_keep(fit, key, w_star, h, prunable, forced)
             elif fit.exact_obs and fixed is None and fit.nm is not None and forced is None:
                 keep = _exact_obs_nm_keep(w_star, h, prunable, fit.nm)
             if keep is None:
+                if "u" not in dense:
+                    dense["u"] = _upper_cholesky_of_inverse(h)
                 solution, keep = sparsegpt_sweep(
-                    w_star, h,
+                    w_star, h, u=dense["u"],
                     sparsity=fit.sparsity * dim / max(1, prunable.sum()) if fixed is None else 0.0,
                     nm=fit.nm if fixed is None else None,
                     mask=None if fixed is None else widen(fixed & (frozen if frozen is not None else True)),
@@ -536,7 +561,7 @@ def solve(fit: LayerFit, weight: np.ndarray, bias: Optional[np.ndarray], *, damp
                 )
             exact = exact_refit(w_star, h, keep)
             if exact is None and solution is None:
-                solution, _ = sparsegpt_sweep(w_star, h, mask=keep, prunable=prunable)
+                solution, _ = sparsegpt_sweep(w_star, h, mask=keep, prunable=prunable, u=dense.get("u"))
             solution = np.where(keep, exact if exact is not None else solution, 0.0)
         residual, _ = _output_error(fit, g, solution)
         totals[1] += residual
@@ -593,28 +618,33 @@ def reconstruct_layers(
     partner_of = _residual_partners(original, fits, names) if sequential and residual else {}
     relu_fed = _relu_fed(original, fits) if relu_steps else set()
     all_inputs = sorted(set(inputs_of.values()) | set(partner_of.values()))
-    dynamic = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), all_inputs))
-    reference_session = activations.tap_session(original, all_inputs, dynamic_batch=dynamic)
+    original_proto = original.to_proto()
+    dynamic = activations.batch_can_grow(runtime.with_outputs(original_proto, all_inputs))
     for stage in stages:
         tensors = sorted({inputs_of[n] for n in stage} | {partner_of[n] for n in stage if n in partner_of})
+        # each stage's sessions compute only what leads to its taps (onnxruntime would run the whole model)
+        reference_session = activations.tap_session(original_proto, tensors, dynamic_batch=dynamic, only=True)
         size = activations.session_batch_size(reference_session, min(batch_size, activations.batch_size_for(original, tensors, preferred=batch_size)))
-        current_session = activations.tap_session(sparse, tensors, dynamic_batch=dynamic) if sequential else None
+        current_session = activations.tap_session(sparse, tensors, dynamic_batch=dynamic, only=True) if sequential else None
 
-        def taps(size=size, tensors=tensors, current_session=current_session):
+        def taps(size=size, tensors=tensors, reference_session=reference_session, current_session=current_session):
             for feed in (data.batches(size) if hasattr(data, "batches") else iter(data)):
                 reference = dict(zip(tensors, runtime.run(reference_session, feed, tensors)))
                 current = dict(zip(tensors, runtime.run(current_session, feed, tensors))) if current_session else reference
                 yield reference, current
 
-        def gather(names, taps=taps):
-            for index, (reference, current) in enumerate(activations.prefetch(taps())):
+        def gather(names, batches):
+            for index, (reference, current) in enumerate(batches):
                 for name in names:
                     partner = partner_of.get(name)
                     drift = reference[partner] - current[partner] if partner else None
                     accumulate(by_name[name], orig_nodes[name], reference[inputs_of[name]], current[inputs_of[name]],
                                seed * 100003 + index, positions_per_sample, drift)
 
-        gather(stage)
+        again = [n for n in stage if n in relu_fed] if finish is True and sequential and relu_steps else []
+        # the Relu steps read the same taps again (the stage's inputs do not change): kept when small enough
+        kept = _TapCache(STAGE_CACHE_BYTES if again else 0)
+        gather(stage, kept.record(activations.prefetch(taps())))
         for name in stage:
             if callable(finish):
                 flush(by_name[name], orig_nodes[name])
@@ -623,16 +653,43 @@ def reconstruct_layers(
                 _finish(by_name[name], sparse, damp, orig_nodes[name])
             else:
                 flush(by_name[name], orig_nodes[name])
-        again = [n for n in stage if n in relu_fed and not by_name[n].skipped] if finish is True and sequential else []
+        again = [n for n in again if not by_name[n].skipped]
         for _ in range(relu_steps if again else 0):  # majorize-minimize the error after the ReLU
             for name in again:
                 _start_relu_step(by_name[name], sparse, orig_nodes[name])
-            gather(again)
+            gather(again, kept.batches if kept.batches is not None else activations.prefetch(taps()))
             for name in again:
                 _finish_relu_step(by_name[name], sparse, damp, orig_nodes[name])
+        for name in stage:
+            by_name[name]._solved.clear()  # D x D matrices: one stage's at a time
         if progress is not None:
             progress.update(len(stage))
     return list(fits)
+
+
+STAGE_CACHE_BYTES = 1 << 30
+"""Tapped activations of one stage (both models, every batch) kept for its Relu steps; a stage
+over this is tapped again for each step (ResNet-50's first stages at 128 samples are 0.8 GB)."""
+
+
+class _TapCache:
+    """Records the (reference, current) batches passing through, up to ``budget`` bytes in all;
+    ``batches`` is the list once complete, None when they did not fit (or nothing was asked)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.batches: Optional[list] = None
+
+    def record(self, batches):
+        kept, used = ([] if self.budget > 0 else None), 0
+        for pair in batches:
+            if kept is not None:
+                used += sum(np.asarray(v).nbytes for side in pair for v in side.values())
+                kept = kept if used <= self.budget else None
+                if kept is not None:
+                    kept.append(pair)
+            yield pair
+        self.batches = kept
 
 
 def _relu_fed(model: Model, fits: Sequence[LayerFit]) -> set:
@@ -674,7 +731,8 @@ def _finish_relu_step(fit: LayerFit, sparse: Model, damp: float, original_node: 
     fit.relu_refits += 1
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
     # solved again from the original weights: only the target changed
-    new_weight, new_bias = solve(fit, np.asarray(original_node.inputs[1].values), _constant_bias(original_node), damp=damp)
+    new_weight, new_bias = solve(fit, np.asarray(original_node.inputs[1].values), _constant_bias(original_node), damp=damp,
+                                 cache=fit._solved)
     write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 
@@ -716,10 +774,10 @@ def collect_statistics(model: Model, fits: Sequence[LayerFit], data, *, seed: in
 
 def refit_weights(fit: LayerFit, weight: np.ndarray, levels: Sequence[float], *, damp: float = DAMP) -> List[np.ndarray]:
     """The layer's weight sparsified and refit alone at each sparsity (its bias change left out)."""
-    result = {}
+    result, cache = {}, {}
     for level in sorted(levels, reverse=True):  # deepest first: the ExactOBS traces then serve every level
         trial = dataclasses.replace(fit, sparsity=float(level), result_mask=None)
-        result[level], _ = solve(trial, weight, None, damp=damp)
+        result[level], _ = solve(trial, weight, None, damp=damp, cache=cache)
     return [result[level] for level in levels]
 
 
@@ -729,7 +787,7 @@ def _finish(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -
     if fit.gram is None:
         fit.skipped = "no calibration rows"
         return
-    new_weight, new_bias = solve(fit, np.asarray(node.inputs[1].values), _constant_bias(node), damp=damp)
+    new_weight, new_bias = solve(fit, np.asarray(node.inputs[1].values), _constant_bias(node), damp=damp, cache=fit._solved)
     write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 

@@ -305,13 +305,15 @@ def reconstruct(
             todo.append(consumer.name)
     stages = _stages(pruned, todo)
     input_names = sorted({orig_nodes[n].inputs[0].name for n in todo})
-    dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original.to_proto(), input_names)) if todo else False
-    original_session = activations.tap_session(original, input_names, dynamic_batch=dynamic_batch) if todo else None
+    original_proto = original.to_proto() if todo else None
+    dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original_proto, input_names)) if todo else False
     # one stream per layer: its rows do not depend on the other layers, its stage or the cache
     rngs = {name: np.random.default_rng([seed, zlib.crc32(name.encode())]) for name in todo}
     for index, stage in enumerate(stages):
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
-        pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch)
+        # each stage's sessions compute only what leads to its taps (onnxruntime would run the whole model)
+        original_session = activations.tap_session(original_proto, names, dynamic_batch=dynamic_batch, only=True)
+        pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch, only=True)
         size = activations.session_batch_size(pruned_session, batch_size)
         batches = data.batches(size) if hasattr(data, "batches") else iter(data)
         kept = {orig_nodes[n].inputs[0].name: (by_name[n].in_keep, -1 if orig_nodes[n].op == "MatMul" else 1) for n in stage}

@@ -173,6 +173,59 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return proto
 
 
+def only_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``proto`` (changed in place) computing ``names`` and nothing else: those become the only
+    graph outputs, and nodes (and weights) they do not depend on are dropped.
+
+    onnxruntime runs every node of a graph whatever outputs a run asks for (a tap on ResNet-18's
+    first block cost the whole model, 63 ms against 8 ms for that block alone), so a pass that
+    needs an early activation should not pay for the rest of the network. When only graph
+    inputs are asked for, the graph is kept whole (onnxruntime refuses one without nodes)."""
+    graph = proto.graph
+    wanted = [name for name in dict.fromkeys(names) if name]
+    needed = set(wanted)
+    keep = []
+    for node in reversed(graph.node):  # nodes are stored in topological order
+        if any(output in needed for output in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            needed.update(_outer_names(node))
+    if not keep:  # only graph inputs asked for: onnxruntime refuses a graph without nodes
+        return with_outputs(proto, names)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    known = {}
+    for value in list(graph.output) + list(graph.value_info) + list(graph.input):
+        if value.type.HasField("tensor_type"):
+            known[value.name] = onnx.ValueInfoProto()
+            known[value.name].CopyFrom(value)
+    del graph.output[:]
+    for name in wanted:
+        graph.output.append(known[name] if name in known else helper.make_value_info(name, onnx.TypeProto()))
+    dropped = {init.name for init in graph.initializer if init.name not in needed}
+    used = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+    inputs = [value for value in graph.input if value.name not in dropped]  # old exports list weights as inputs too
+    del graph.input[:]
+    graph.input.extend(inputs)
+    del graph.value_info[:]
+    return proto
+
+
+def _outer_names(node: onnx.NodeProto) -> set:
+    """Every tensor name read inside ``node``'s subgraphs (they may come from the outer graph)."""
+    names = set()
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+        for sub in graphs:
+            for inner in sub.node:
+                names.update(inner.input)
+                names.update(_outer_names(inner))
+    return names
+
+
 def run(session: ort.InferenceSession, feed: Dict[str, np.ndarray], outputs: Optional[Sequence[str]] = None):
     """Run with inputs cast to what the session declares (npz files often hold float64)."""
     typed = {}

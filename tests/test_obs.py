@@ -124,6 +124,22 @@ def test_curves_at_several_sparsities_share_one_greedy_run(monkeypatch):
     assert [round(float((w == 0).mean()), 2) for w in weights] == [0.25, 0.5, 0.9]
 
 
+@pytest.mark.parametrize("exact_obs", [True, False])
+def test_curves_solve_the_dense_optimum_once_and_match_separate_solves(monkeypatch, exact_obs):
+    x = _correlated_inputs()
+    weight = np.random.default_rng(8).standard_normal((32, 16))
+    levels = [0.25, 0.5, 0.9]
+    separate = [solve(_matmul_fit(x, weight, sparsity=level, exact_obs=exact_obs), weight, None)[0] for level in levels]
+    calls = []
+    dense, inverse_factor = obs._dense_optimum, obs._upper_cholesky_of_inverse
+    monkeypatch.setattr(obs, "_dense_optimum", lambda *a: calls.append("dense") or dense(*a))
+    monkeypatch.setattr(obs, "_upper_cholesky_of_inverse", lambda h: calls.append("factor") or inverse_factor(h))
+    shared = refit_weights(_matmul_fit(x, weight, exact_obs=exact_obs), weight, levels)
+    assert calls == (["dense"] if exact_obs else ["dense", "factor"])
+    for one, other in zip(separate, shared):
+        np.testing.assert_array_equal(one, other)
+
+
 def test_sweep_honours_nm_fixed_and_forced_masks():
     rng = np.random.default_rng(3)
     x = _correlated_inputs(dim=16)
@@ -339,3 +355,35 @@ def test_relu_steps_lower_the_error_after_the_relu_on_held_out_inputs():
             assert (np.asarray(fit.result_mask) == 0).mean() == pytest.approx(0.5, abs=0.02)
         errors[steps] = relative_output_error(proto, sparse.to_proto(), feeds)
     assert errors[1] < 0.9 * errors[0], errors
+
+
+def test_relu_steps_reuse_the_stage_s_taps_and_hessians_and_match_tapping_again(monkeypatch):
+    from onnxslim_cv import runtime
+    from onnxslim_cv.ir import Model
+    from onnxslim_cv.obs import reconstruct_layers
+    from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
+    from onnxslim_cv.sparsity import sparsifiable_layers
+    from onnxslim_cv.testing import models as test_models
+
+    from .conftest import sample_data
+
+    original, _ = run_passes(Model.from_proto(test_models.build("squeezenet_fire")), make_passes(["fold"], {}),
+                             context=PassContext(progress=False))
+    calib = sample_data(original.to_proto(), 24, seed=10)
+    counted, dampened = runtime.run, obs._dampened
+    results = {}
+    for budget in (obs.STAGE_CACHE_BYTES, 0):  # kept in memory, or over budget and tapped again
+        monkeypatch.setattr(obs, "STAGE_CACHE_BYTES", budget)
+        runs, hessians = [], []
+        monkeypatch.setattr(runtime, "run", lambda *a, **k: runs.append(1) or counted(*a, **k))
+        monkeypatch.setattr(obs, "_dampened", lambda *a: hessians.append(1) or dampened(*a))
+        sparse = original.copy()
+        fits = [LayerFit(layer, sparsity=0.5) for layer in sparsifiable_layers(sparse, include_first=True, include_last=True)[0]]
+        reconstruct_layers(original, sparse, fits, calib, seed=0, relu_steps=2)
+        assert len(hessians) == len(fits)  # each layer's Hessian dampened once, its Relu steps reuse it
+        results[budget] = (len(runs), {t.name: np.array(t.values) for t in sparse.constants()})
+    (kept_runs, kept), (again_runs, again) = results.values()
+    assert again_runs == 3 * kept_runs  # two more passes over every stage's data without the cache
+    assert kept.keys() == again.keys()
+    for name in kept:
+        np.testing.assert_array_equal(kept[name], again[name])

@@ -87,3 +87,53 @@ def test_neighbouring_pairs_are_the_ones_a_saturating_kernel_overflows(act_type)
         probe = runtime._conv_probe(act_type, weights, y_scale=0.25)
         fused, exact = runtime._probe_output(probe), runtime._probe_output(probe, optimize=False)
         assert bool(np.abs(fused - exact).max() > 0.25) == overflows, channels
+
+
+def _run_all(proto, feed, names):
+    session = runtime.make_session(proto, optimize=False)
+    return dict(zip(names, runtime.run(session, feed, names)))
+
+
+def test_only_outputs_computes_an_early_tensor_alone_and_the_same():
+    proto = models.build("resnet_basic_block")
+    feed = models.sample_inputs(proto, seed=0)
+    early = proto.graph.node[1].output[0]
+    cut = onnx.ModelProto()
+    cut.CopyFrom(proto)
+    runtime.only_outputs(cut, [early])
+    assert len(cut.graph.node) == 2 and [o.name for o in cut.graph.output] == [early]
+    used = {name for node in cut.graph.node for name in node.input}
+    assert {init.name for init in cut.graph.initializer} <= used  # the later layers' weights are gone
+    expected = _run_all(runtime.with_outputs(proto, [early]), feed, [early])[early]
+    np.testing.assert_array_equal(_run_all(cut, feed, [early])[early], expected)
+
+
+def test_only_outputs_keeps_the_graph_when_only_inputs_are_asked_for():
+    proto = models.build("resnet_basic_block")
+    name = proto.graph.input[0].name
+    runtime.only_outputs(proto, [name])
+    assert len(proto.graph.node) > 0 and name in [o.name for o in proto.graph.output]
+    feed = models.sample_inputs(proto, seed=0)
+    np.testing.assert_array_equal(_run_all(proto, feed, [name])[name], feed[name])
+
+
+def test_only_outputs_keeps_what_a_subgraph_reads_from_the_outer_graph():
+    branch = helper.make_graph([helper.make_node("Relu", ["a"], ["r"])], "then", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Neg", ["a"], ["n"])], "else", [],
+                              [helper.make_tensor_value_info("n", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("Sigmoid", ["x"], ["a"]),  # read only inside the branches
+        helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=other),
+        helper.make_node("Exp", ["x"], ["unrelated"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("unrelated", TensorProto.FLOAT, [2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    runtime.only_outputs(proto, ["y"])
+    assert [n.op_type for n in proto.graph.node] == ["Sigmoid", "If"]
+    x = np.array([-1.0, 2.0], np.float32)
+    got = _run_all(proto, {"x": x, "flag": np.array(True)}, ["y"])["y"]
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-x)), rtol=1e-6)
