@@ -57,6 +57,13 @@ MAX_WORKERS = 4
 """Layers measured at once (each session with cores / workers threads)."""
 CACHE_BUDGET_BYTES = activations.REFERENCE_BUDGET_BYTES
 """Inputs and reference outputs kept in memory between the group evaluations."""
+MEASURE_BUDGET_MACS = 4e12
+"""Multiply-adds a pass's per-layer curves may cost (each layer's suffix x levels x samples) before
+they are measured on fewer samples than the pass asks for: about a minute of onnxruntime on this
+project's 2-core machine. SqueezeNet, ResNet-20 and MobileNetV2 stay within it at 64 samples;
+ResNet-50 at 224 x 224 would need 4e13 (over 10 minutes)."""
+MIN_MEASURE_SAMPLES = 16
+"""The fewest samples a budget cut leaves (a classifier's logits, a detector's maps per sample)."""
 
 
 @dataclass
@@ -561,6 +568,47 @@ def _chunks(plans: Sequence[_Plan], budget: int) -> List[List[_Plan]]:
     if current:
         chunks.append(current)
     return chunks
+
+
+def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
+    """Multiply-adds per sample of every layer's suffix, summed: what one sample at one level
+    costs :func:`analyze_layers`.
+
+    Dynamic input dims are taken from the first sample of ``data``; weight layers whose shapes
+    stay unknown count 0."""
+    from .stats import layer_macs
+
+    work = model.copy()
+    if data is not None:
+        first = next(iter(_batches(_limit(data, 1), 1)), None)
+        for tensor in work.graph.inputs:
+            if first is not None and tensor.name in first and tensor.shape is not None:
+                value = np.asarray(first[tensor.name])
+                if len(tensor.shape) == value.ndim:
+                    tensor.shape = [dim if isinstance(dim, int) and dim > 0 else size
+                                    for dim, size in zip(tensor.shape, value.shape)]
+    work.infer_shapes(reset=False)
+    nodes = work.graph.nodes
+    by_name = {n.name: n for n in nodes}
+    macs = {id(n): layer_macs(n) or 0 for n in nodes}
+    total = 0
+    for layer in layers:
+        node = by_name.get(layer.node)
+        if node is not None:
+            total += sum(macs[i] for i in _downstream(node))
+    return int(total)
+
+
+def affordable_samples(model: Model, layers: Sequence[SparseLayer], levels: int, wanted: int, data=None, *,
+                       budget: Optional[float] = None, floor: int = MIN_MEASURE_SAMPLES) -> Tuple[int, int]:
+    """(samples, MACs per sample) for curves at ``levels`` levels: ``wanted``, or fewer (not below
+    ``floor``) when ``wanted`` would cost more than ``budget`` multiply-adds (default
+    :data:`MEASURE_BUDGET_MACS`)."""
+    budget = MEASURE_BUDGET_MACS if budget is None else budget
+    per_sample = suffix_macs(model, layers, data) * max(1, levels)
+    if per_sample * wanted <= budget:
+        return wanted, per_sample
+    return max(min(floor, wanted), int(budget // per_sample)), per_sample
 
 
 def _resolve_layers(model: Model, layers, include_depthwise: bool, include_first: bool, include_last: bool) -> List[SparseLayer]:

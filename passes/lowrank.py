@@ -482,7 +482,16 @@ class LowRankPass(Pass):
         levels = [0.0] + list(LEVELS)
         names = list(AUTO_CANDIDATES) if allocation == "auto" else [allocation]
         curves_of: Dict[str, list] = {}
+        samples = SENSITIVITY_SAMPLES
         if any(name in MEASURED_RULES for name in names):
+            samples, per_sample = sensitivity.affordable_samples(model, [item.layer for item in usable], len(LEVELS),
+                                                                 SENSITIVITY_SAMPLES, context.calibration)
+            available = context.calibration.count() if context.calibration is not None else None
+            if samples < SENSITIVITY_SAMPLES and (available or SENSITIVITY_SAMPLES) > samples:
+                report.notes.append(
+                    f"curves on {samples} samples, not {SENSITIVITY_SAMPLES}: at {per_sample:.2g} multiply-adds per sample "
+                    f"(every layer's suffix x {len(LEVELS)} levels) {SENSITIVITY_SAMPLES} would exceed the "
+                    f"{sensitivity.MEASURE_BUDGET_MACS:.0e} budget")
             by_weight = {item.layer.weight: item for item in usable}
 
             def weights_at(layer, weight, wanted):
@@ -498,7 +507,7 @@ class LowRankPass(Pass):
                 return result
 
             with _bar(context, len(usable), "lowrank: sensitivity", "layer") as bar:
-                measured = sensitivity.analyze_layers(model, context.calibration, sparsities=levels, samples=SENSITIVITY_SAMPLES,
+                measured = sensitivity.analyze_layers(model, context.calibration, sparsities=levels, samples=samples,
                                                       layers=[item.layer for item in usable], progress=bar, weights_at=weights_at)
             curves_of.update({name: measured for name in names if name in MEASURED_RULES})
         if "error" in names:
@@ -526,7 +535,7 @@ class LowRankPass(Pass):
                 f"lowrank: --target-macs {target:g} is unreachable: factoring every eligible layer at its smallest rank "
                 f"keeps {1.0 - most:.3f} of the model's MACs ({len(usable)} layers eligible)"
             )
-        measured_on = (sensitivity.samples_text(context.calibration, SENSITIVITY_SAMPLES)
+        measured_on = (sensitivity.samples_text(context.calibration, samples)
                        if context.calibration is not None else None)
         plans = {}
         for name in names:

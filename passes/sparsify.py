@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from onnxslim_cv import obs
+from onnxslim_cv.sensitivity import MEASURE_BUDGET_MACS, MIN_MEASURE_SAMPLES
 from onnxslim_cv.errors import UserError
 from onnxslim_cv.graph_utils import name_nodes, replace_constant_values, strip_output_softmax
 from onnxslim_cv.ir import Model
@@ -110,7 +111,9 @@ class SparsifyPass(Pass):
             non_negative_int,
             metavar="N",
         ),
-        PassOption("samples", 128, "calibration samples for reconstruction (and 64 of them for sensitivity)", positive_int, metavar="N"),
+        PassOption("samples", 128, f"calibration samples for reconstruction (and up to {SENSITIVITY_SAMPLES} of them for the "
+                   f"sensitivity curves: fewer, at least {MIN_MEASURE_SAMPLES}, on models whose curves would cost over "
+                   f"{MEASURE_BUDGET_MACS:.0e} multiply-adds)", positive_int, metavar="N"),
         PassOption("max_layer_sparsity", MAX_LAYER_SPARSITY, "global / sensitivity modes: most any one layer may lose", check_sparsity, metavar="S"),
         PassOption("masks", None, "start from these masks (.npz from --export-masks): their zeros stay zero (iterative pruning)", _masks_option, metavar="FILE"),
         PassOption("recipe", None, "JSON {\"layers\": {NODE: sparsity}} (e.g. from analyze --recipe-out): per-layer sparsities", str, metavar="FILE"),
@@ -300,19 +303,26 @@ class SparsifyPass(Pass):
 
             weights_at = refit_at
 
-        data = context.calibration.limited(SENSITIVITY_SAMPLES)
+        samples, per_sample = sensitivity.affordable_samples(model, layers, len(levels), SENSITIVITY_SAMPLES,
+                                                             context.calibration)
+        if samples < SENSITIVITY_SAMPLES and (context.calibration.count() or SENSITIVITY_SAMPLES) > samples:
+            report.notes.append(
+                f"--sparsity-mode {mode}: curves on {samples} samples, not {SENSITIVITY_SAMPLES}: at {per_sample:.2g} "
+                f"multiply-adds per sample (every layer's suffix x {len(levels)} levels) {SENSITIVITY_SAMPLES} would "
+                f"exceed the {sensitivity.MEASURE_BUDGET_MACS:.0e} budget; --sparsity-mode uniform skips the curves")
+        data = context.calibration.limited(samples)
         measured = model.copy()  # a classifier's curves on its logits (see strip_output_softmax)
         on_logits = strip_output_softmax(measured)
         with _bar(context, len(layers), "sparsify: sensitivity", "layer") as bar:
             curves = sensitivity.analyze_layers(measured, data, sparsities=levels, layers=layers, progress=bar,
-                                                weights_at=weights_at, samples=SENSITIVITY_SAMPLES)
+                                                weights_at=weights_at, samples=samples)
         allocation = sensitivity.allocate(curves, target=sparsity, metric="cosine", cost="params", max_level=cap)
         report.details["sensitivity"] = [curve.to_dict() for curve in curves]
         result = {layer.node: float(allocation.get(layer.node, 0.0)) for layer in layers}
         report.notes.append(
             f"--sparsity-mode {mode}: per-layer sparsity {min(result.values()):.0%}..{max(result.values()):.0%} "
             f"for {sparsity:.0%} overall, equal output loss per layer (cosine{' of the logits' if on_logits else ''}, "
-            f"{sensitivity.samples_text(data, SENSITIVITY_SAMPLES)})"
+            f"{sensitivity.samples_text(data, samples)})"
         )
         return result
 

@@ -436,6 +436,19 @@ def test_target_macs_is_reached(with_data, allocation):
         assert any("(cosine, 8 samples)" in note for note in report.notes), report.notes
 
 
+def test_curves_of_a_model_over_the_measuring_budget_use_fewer_samples(monkeypatch):
+    from onnxslim_cv import sensitivity
+
+    proto = test_models.build("conv_chain", **CONV_CHAIN)
+    monkeypatch.setattr(sensitivity, "MEASURE_BUDGET_MACS", 1.0)  # any model is over it: the floor of 16
+    out, report = _lowrank(proto, sample_data(proto, 24, seed=0), target_macs=0.7, allocation="sensitivity",
+                           include_last=True)
+    _check_emitted(out.to_proto(), proto)
+    assert report.after.macs <= 0.71 * report.before.macs
+    assert any("curves on 16 samples, not 64" in note for note in report.notes), report.notes
+    assert any("(cosine, 16 samples)" in note for note in report.notes), report.notes
+
+
 def _summed_curve_loss(details):
     """The summed (interpolated) output loss the allocation's curves promise at its chosen levels."""
     total = 0.0

@@ -20,10 +20,10 @@ from onnxslim_cv.ir import Model
 from onnxslim_cv.model_io import load_model
 from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.sensitivity import SensitivityCurve, allocate, analyze_groups, analyze_layers
-from onnxslim_cv.sparsity import magnitude_mask
+from onnxslim_cv.sparsity import magnitude_mask, sparsifiable_layers
 from onnxslim_cv.testing import models as test_models
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, graph_model
 
 
 def _data(proto, count=12, seed=0):
@@ -41,6 +41,35 @@ def digits():
 # ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
+
+
+def _conv_chain(channels=(3, 8, 8, 4), kernels=(3, 1, 1)):
+    """Convs in a chain on an input whose height and width are dynamic."""
+    rng = np.random.default_rng(0)
+    nodes, weights, previous = [], [], "x"
+    for i, (cin, cout, k) in enumerate(zip(channels, channels[1:], kernels)):
+        weights.append(numpy_helper.from_array(rng.standard_normal((cout, cin, k, k)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [previous, f"w{i}"], [f"y{i}"], name=f"conv{i}", pads=[k // 2] * 4))
+        previous = f"y{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info(previous, onnx.TensorProto.FLOAT, None)], weights)
+    return graph_model(graph)
+
+
+def test_suffix_macs_sum_each_layer_and_everything_downstream_at_the_data_s_size():
+    proto = _conv_chain()
+    model = Model.from_proto(proto)
+    layers, _ = sparsifiable_layers(model, include_first=True, include_last=True)
+    data = from_iterable([{"x": np.zeros((1, 3, 8, 8), np.float32)}], model.input_specs())
+    pixels = 8 * 8
+    own = [pixels * 8 * 3 * 9, pixels * 8 * 8, pixels * 4 * 8]
+    assert sensitivity.suffix_macs(model, layers, data) == sum(own) + sum(own[1:]) + own[2]
+    assert sensitivity.suffix_macs(model, layers[1:2], data) == own[1] + own[2]
+    per_sample = sum(own) + sum(own[1:]) + own[2]
+    assert sensitivity.affordable_samples(model, layers, 2, 64, data, budget=per_sample * 2 * 64) == (64, per_sample * 2)
+    assert sensitivity.affordable_samples(model, layers, 2, 64, data, budget=per_sample * 2 * 40.5)[0] == 40
+    assert sensitivity.affordable_samples(model, layers, 2, 64, data, budget=per_sample)[0] == sensitivity.MIN_MEASURE_SAMPLES
+    assert sensitivity.affordable_samples(model, layers, 2, 8, data, budget=per_sample)[0] == 8  # never more than asked
 
 
 def test_layer_curves_start_at_zero_and_grow_with_sparsity(digits):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_cv import runtime
+from onnxslim_cv import runtime, sensitivity
 from onnxslim_cv.calibration import from_iterable
 from onnxslim_cv.ir import Model
 from onnxslim_cv.masks import load_masks
@@ -116,6 +116,21 @@ def test_default_with_data_allocates_per_layer_and_reaches_the_overall_target():
     assert max(per_layer) - min(per_layer) > 0.05  # not uniform
     curves = report.details["sensitivity"]
     assert len(curves) == len(per_layer) and all(curve["loss"]["cosine"][0] == 0 for curve in curves)
+
+
+def test_curves_of_a_model_over_the_measuring_budget_use_fewer_samples(monkeypatch):
+    proto = test_models.build("mobilenetv2_block")
+    data = sample_data(proto, 32, seed=2)
+    layers, _ = sparsifiable_layers(Model.from_proto(proto), include_first=True, include_last=True)
+    _, per_sample = sensitivity.affordable_samples(Model.from_proto(proto), layers, 6, 32, data)
+    monkeypatch.setattr(sensitivity, "MEASURE_BUDGET_MACS", per_sample * 20.5)
+    measured = []
+    analyze = sensitivity.analyze_layers
+    monkeypatch.setattr(sensitivity, "analyze_layers", lambda *a, **k: measured.append(k["samples"]) or analyze(*a, **k))
+    _, report = _sparsify(proto, data, sparsity=0.5, include_first=True, include_last=True)
+    assert measured == [20]
+    assert any("curves on 20 samples, not 64" in note for note in report.notes)
+    assert report.details["sparsity_of_sparsified_layers"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_classifier_curves_are_measured_on_the_logits():
