@@ -570,12 +570,9 @@ def _chunks(plans: Sequence[_Plan], budget: int) -> List[List[_Plan]]:
     return chunks
 
 
-def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
-    """Multiply-adds per sample of every layer's suffix, summed: what one sample at one level
-    costs :func:`analyze_layers`.
-
-    Dynamic input dims are taken from the first sample of ``data``; weight layers whose shapes
-    stay unknown count 0."""
+def _node_macs(model: Model, data=None) -> Tuple[Model, Dict[int, int]]:
+    """A copy of ``model`` with its dynamic input dims taken from the first sample of ``data``,
+    and each of its nodes' multiply-adds per sample (weight layers; unknown shapes count 0)."""
     from .stats import layer_macs
 
     work = model.copy()
@@ -588,9 +585,17 @@ def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
                     tensor.shape = [dim if isinstance(dim, int) and dim > 0 else size
                                     for dim, size in zip(tensor.shape, value.shape)]
     work.infer_shapes(reset=False)
-    nodes = work.graph.nodes
-    by_name = {n.name: n for n in nodes}
-    macs = {id(n): layer_macs(n) or 0 for n in nodes}
+    return work, {id(n): layer_macs(n) or 0 for n in work.graph.nodes}
+
+
+def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
+    """Multiply-adds per sample of every layer's suffix, summed: what one sample at one level
+    costs :func:`analyze_layers`.
+
+    Dynamic input dims are taken from the first sample of ``data``; weight layers whose shapes
+    stay unknown count 0."""
+    work, macs = _node_macs(model, data)
+    by_name = {n.name: n for n in work.graph.nodes}
     total = 0
     for layer in layers:
         node = by_name.get(layer.node)
@@ -599,16 +604,26 @@ def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
     return int(total)
 
 
+def model_macs(model: Model, data=None) -> int:
+    """Multiply-adds per sample of the whole model (input dims as :func:`suffix_macs` takes them)."""
+    return int(sum(_node_macs(model, data)[1].values()))
+
+
+def samples_within(per_sample: float, wanted: int, *, budget: Optional[float] = None, floor: int = MIN_MEASURE_SAMPLES) -> int:
+    """``wanted``, or fewer (not below ``floor``) when ``wanted`` samples at ``per_sample``
+    multiply-adds each would cost more than ``budget`` (default :data:`MEASURE_BUDGET_MACS`)."""
+    budget = MEASURE_BUDGET_MACS if budget is None else budget
+    if per_sample * wanted <= budget:
+        return wanted
+    return max(min(floor, wanted), int(budget // per_sample))
+
+
 def affordable_samples(model: Model, layers: Sequence[SparseLayer], levels: int, wanted: int, data=None, *,
                        budget: Optional[float] = None, floor: int = MIN_MEASURE_SAMPLES) -> Tuple[int, int]:
-    """(samples, MACs per sample) for curves at ``levels`` levels: ``wanted``, or fewer (not below
-    ``floor``) when ``wanted`` would cost more than ``budget`` multiply-adds (default
-    :data:`MEASURE_BUDGET_MACS`)."""
-    budget = MEASURE_BUDGET_MACS if budget is None else budget
+    """(samples, MACs per sample) for :func:`analyze_layers` curves at ``levels`` levels:
+    :func:`samples_within` of what every layer's suffix costs at every level."""
     per_sample = suffix_macs(model, layers, data) * max(1, levels)
-    if per_sample * wanted <= budget:
-        return wanted, per_sample
-    return max(min(floor, wanted), int(budget // per_sample)), per_sample
+    return samples_within(per_sample, wanted, budget=budget, floor=floor), per_sample
 
 
 def _resolve_layers(model: Model, layers, include_depthwise: bool, include_first: bool, include_last: bool) -> List[SparseLayer]:

@@ -641,9 +641,18 @@ def _measured_allocations(model, dg, scores, limits, fixed_ratio, data, criterio
     if not ids:
         return {}
     levels = sensitivity.DEFAULT_RATIOS
+    # each point runs the whole model (removal changes shapes): large models get fewer samples
+    per_sample = len(ids) * len(levels) * sensitivity.model_macs(model, data)
+    samples = sensitivity.samples_within(per_sample, SENSITIVITY_SAMPLES)
+    available = data.count() if hasattr(data, "count") else None
+    if samples < SENSITIVITY_SAMPLES and (available or SENSITIVITY_SAMPLES) > samples:
+        report.notes.append(
+            f"group curves on {samples} samples, not {SENSITIVITY_SAMPLES}: at {per_sample:.2g} multiply-adds per sample "
+            f"({len(ids)} groups x {len(levels)} ratios x the model) {SENSITIVITY_SAMPLES} would exceed the "
+            f"{sensitivity.MEASURE_BUDGET_MACS:.0e} budget")
     with _bar(context, len(ids) * len(levels), "prune: sensitivity", "eval") as bar:
         curves = sensitivity.analyze_groups(
-            model, data, ratios=levels, samples=SENSITIVITY_SAMPLES, criterion=criterion, round_to=round_to, limits=limits,
+            model, data, ratios=levels, samples=samples, criterion=criterion, round_to=round_to, limits=limits,
             min_channels=config["min_channels"], groups=ids, progress=bar, recovery=recovery, scores=scores,
         )
     for curve in curves:

@@ -292,6 +292,23 @@ def test_sensitivity_curves_are_measured_with_the_pass_recovery():
     assert total["lsq"] < 0.8 * total["bias"], total
 
 
+def test_group_curves_of_a_model_over_the_measuring_budget_use_fewer_samples(monkeypatch):
+    from onnxslim_cv import sensitivity
+
+    proto = test_models.build("resnet_bottleneck_block")
+    measured = []
+    analyze = sensitivity.analyze_groups
+    monkeypatch.setattr(sensitivity, "analyze_groups", lambda *a, **k: measured.append(k["samples"]) or analyze(*a, **k))
+    monkeypatch.setattr(sensitivity, "MEASURE_BUDGET_MACS", 1.0)  # any model is over it: the floor of 16
+    out, report = _prune(proto, _calibration(proto, 24), target_macs=0.6, round_to=1, allocation="sensitivity")
+    assert measured == [sensitivity.MIN_MEASURE_SAMPLES]
+    assert any("group curves on 16 samples, not 64" in note for note in report.notes), report.notes
+    assert report.after.macs <= 0.61 * report.before.macs
+    monkeypatch.setattr(sensitivity, "MEASURE_BUDGET_MACS", 1e18)
+    _prune(proto, _calibration(proto, 24), target_macs=0.6, round_to=1, allocation="sensitivity")
+    assert measured[-1] == 64
+
+
 def test_auto_allocation_keeps_the_candidate_with_the_lowest_calibration_loss():
     from onnxslim_cv.sensitivity import ReferenceOutputs
 
