@@ -34,10 +34,11 @@ A 2-D conv read only through a Relu (``relu_steps``, sequential mode) is then re
 per step, to a target that only asks for what survives the Relu: where the original
 pre-activation is negative, the current one need only stay at or below zero
 (:func:`_relu_majorizer_target`, a majorize-minimize step on the error after the Relu). Each
-step is one more pass over the calibration data for that stage.
+step reads the stage's tapped activations again, from memory up to :data:`STAGE_CACHE_BYTES`
+(else from one more pass over the calibration data), and reuses the layer's Hessian factor.
 
 Memory: two ``D x D``-sized matrices per layer (``D`` = input channels x kernel area),
-whatever the number of samples.
+whatever the number of samples, plus one stage's activations for its Relu steps.
 """
 
 from __future__ import annotations
@@ -600,8 +601,8 @@ def reconstruct_layers(
     ``sequential``: each stage's inputs come from the model sparsified so far (one pass over
     the data per stage); otherwise every layer's statistics come from one pass of the original
     model (faster, no error correction across layers). ``relu_steps`` (sequential, ``finish=True``): refits of each 2-D conv read
-    only through a Relu to the error after it (:func:`_relu_majorizer_target`), one more pass
-    over the stage's data each. ``residual`` (sequential only): a conv
+    only through a Relu to the error after it (:func:`_relu_majorizer_target`), each on the
+    stage's taps again (kept in memory when they fit in :data:`STAGE_CACHE_BYTES`). ``residual`` (sequential only): a conv
     whose output is added to a shortcut is fit to the original *sum*, i.e. its target also
     carries the shortcut's drift (original minus current value), which plain layer-wise targets
     leave to accumulate along a residual spine. ``finish``: True solves and writes each

@@ -107,7 +107,8 @@ class SparsifyPass(Pass):
             "relu_steps",
             1,
             "with obs recovery: extra refits of each conv read only through a Relu, fitting the output after the Relu "
-            "(values the Relu zeroes need not be matched); each step is one more pass over the calibration data; 0 = off",
+            "(values the Relu zeroes need not be matched); each step is one more solve, on the stage's activations kept in memory "
+            "(or one more pass over the calibration data when they exceed 1 GB); 0 = off",
             non_negative_int,
             metavar="N",
         ),
