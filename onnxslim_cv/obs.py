@@ -99,7 +99,7 @@ class LayerFit:
     _pending_rows: int = 0
     _relu_point: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
     _traces: dict = field(default_factory=dict, repr=False)  # ExactOBS traces by (group, ridge, weights)
-    _solved: dict = field(default_factory=dict, repr=False)  # solve()'s cache between a stage's first solve and its Relu steps
+    _solved: dict = field(default_factory=dict, repr=False)  # solve()'s cache from a layer's first solve to its Relu steps
 
 
 def refittable(layer: SparseLayer) -> Optional[str]:
@@ -650,8 +650,8 @@ def reconstruct_layers(
             if callable(finish):
                 flush(by_name[name], orig_nodes[name])
                 finish(by_name[name], sparse, orig_nodes[name])
-            elif finish:
-                _finish(by_name[name], sparse, damp, orig_nodes[name])
+            elif finish:  # a layer with Relu steps keeps its Hessian factor for them
+                _finish(by_name[name], sparse, damp, orig_nodes[name], keep_factors=name in again)
             else:
                 flush(by_name[name], orig_nodes[name])
         again = [n for n in again if not by_name[n].skipped]
@@ -782,13 +782,14 @@ def refit_weights(fit: LayerFit, weight: np.ndarray, levels: Sequence[float], *,
     return [result[level] for level in levels]
 
 
-def _finish(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node) -> None:
+def _finish(fit: LayerFit, sparse: Model, damp: float, original_node: gs.Node, *, keep_factors: bool = False) -> None:
     flush(fit, original_node)
     node = next(n for n in sparse.graph.nodes if n.name == fit.layer.node)
     if fit.gram is None:
         fit.skipped = "no calibration rows"
         return
-    new_weight, new_bias = solve(fit, np.asarray(node.inputs[1].values), _constant_bias(node), damp=damp, cache=fit._solved)
+    new_weight, new_bias = solve(fit, np.asarray(node.inputs[1].values), _constant_bias(node), damp=damp,
+                                 cache=fit._solved if keep_factors else None)
     write_layer(sparse, node, fit.layer, new_weight, new_bias)
 
 

@@ -618,6 +618,16 @@ def samples_within(per_sample: float, wanted: int, *, budget: Optional[float] = 
     return max(min(floor, wanted), int(budget // per_sample))
 
 
+def budget_note(samples: int, wanted: int, per_sample: float, cost: str, data=None) -> Optional[str]:
+    """The report line saying curves saw ``samples`` rather than ``wanted`` samples and why
+    (``cost``: what one sample pays for); None when they saw all ``data`` had anyway."""
+    available = _count(data) if data is not None else None
+    if samples >= wanted or (available is not None and available <= samples):
+        return None
+    return (f"curves on {samples} samples, not {wanted}: at {per_sample:.2g} multiply-adds per sample ({cost}) "
+            f"{wanted} would exceed the {MEASURE_BUDGET_MACS:.0e} budget")
+
+
 def affordable_samples(model: Model, layers: Sequence[SparseLayer], levels: int, wanted: int, data=None, *,
                        budget: Optional[float] = None, floor: int = MIN_MEASURE_SAMPLES) -> Tuple[int, int]:
     """(samples, MACs per sample) for :func:`analyze_layers` curves at ``levels`` levels:

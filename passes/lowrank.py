@@ -486,12 +486,10 @@ class LowRankPass(Pass):
         if any(name in MEASURED_RULES for name in names):
             samples, per_sample = sensitivity.affordable_samples(model, [item.layer for item in usable], len(LEVELS),
                                                                  SENSITIVITY_SAMPLES, context.calibration)
-            available = context.calibration.count() if context.calibration is not None else None
-            if samples < SENSITIVITY_SAMPLES and (available or SENSITIVITY_SAMPLES) > samples:
-                report.notes.append(
-                    f"curves on {samples} samples, not {SENSITIVITY_SAMPLES}: at {per_sample:.2g} multiply-adds per sample "
-                    f"(every layer's suffix x {len(LEVELS)} levels) {SENSITIVITY_SAMPLES} would exceed the "
-                    f"{sensitivity.MEASURE_BUDGET_MACS:.0e} budget")
+            note = sensitivity.budget_note(samples, SENSITIVITY_SAMPLES, per_sample,
+                                           f"every layer's suffix x {len(LEVELS)} levels", context.calibration)
+            if note:
+                report.notes.append(note)
             by_weight = {item.layer.weight: item for item in usable}
 
             def weights_at(layer, weight, wanted):

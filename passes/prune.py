@@ -644,12 +644,10 @@ def _measured_allocations(model, dg, scores, limits, fixed_ratio, data, criterio
     # each point runs the whole model (removal changes shapes): large models get fewer samples
     per_sample = len(ids) * len(levels) * sensitivity.model_macs(model, data)
     samples = sensitivity.samples_within(per_sample, SENSITIVITY_SAMPLES)
-    available = data.count() if hasattr(data, "count") else None
-    if samples < SENSITIVITY_SAMPLES and (available or SENSITIVITY_SAMPLES) > samples:
-        report.notes.append(
-            f"group curves on {samples} samples, not {SENSITIVITY_SAMPLES}: at {per_sample:.2g} multiply-adds per sample "
-            f"({len(ids)} groups x {len(levels)} ratios x the model) {SENSITIVITY_SAMPLES} would exceed the "
-            f"{sensitivity.MEASURE_BUDGET_MACS:.0e} budget")
+    note = sensitivity.budget_note(samples, SENSITIVITY_SAMPLES, per_sample,
+                                   f"{len(ids)} groups x {len(levels)} ratios x the model", data)
+    if note:
+        report.notes.append(f"group {note}")
     with _bar(context, len(ids) * len(levels), "prune: sensitivity", "eval") as bar:
         curves = sensitivity.analyze_groups(
             model, data, ratios=levels, samples=samples, criterion=criterion, round_to=round_to, limits=limits,

@@ -306,11 +306,10 @@ class SparsifyPass(Pass):
 
         samples, per_sample = sensitivity.affordable_samples(model, layers, len(levels), SENSITIVITY_SAMPLES,
                                                              context.calibration)
-        if samples < SENSITIVITY_SAMPLES and (context.calibration.count() or SENSITIVITY_SAMPLES) > samples:
-            report.notes.append(
-                f"--sparsity-mode {mode}: curves on {samples} samples, not {SENSITIVITY_SAMPLES}: at {per_sample:.2g} "
-                f"multiply-adds per sample (every layer's suffix x {len(levels)} levels) {SENSITIVITY_SAMPLES} would "
-                f"exceed the {sensitivity.MEASURE_BUDGET_MACS:.0e} budget; --sparsity-mode uniform skips the curves")
+        note = sensitivity.budget_note(samples, SENSITIVITY_SAMPLES, per_sample, f"every layer's suffix x {len(levels)} levels",
+                                       context.calibration)
+        if note:
+            report.notes.append(f"--sparsity-mode {mode}: {note}; --sparsity-mode uniform skips the curves")
         data = context.calibration.limited(samples)
         measured = model.copy()  # a classifier's curves on its logits (see strip_output_softmax)
         on_logits = strip_output_softmax(measured)

@@ -72,6 +72,16 @@ def test_suffix_macs_sum_each_layer_and_everything_downstream_at_the_data_s_size
     assert sensitivity.affordable_samples(model, layers, 2, 8, data, budget=per_sample)[0] == 8  # never more than asked
 
 
+def test_budget_note_only_when_the_curves_saw_fewer_samples_than_the_data_had():
+    model = Model.from_proto(_conv_chain())
+    data = lambda count: from_iterable([{"x": np.zeros((1, 3, 8, 8), np.float32)}] * count, model.input_specs())
+    note = sensitivity.budget_note(16, 64, 2.5e11, "every layer's suffix x 6 levels", data(40))
+    assert note == "curves on 16 samples, not 64: at 2.5e+11 multiply-adds per sample (every layer's suffix x 6 levels) " \
+                   "64 would exceed the 4e+12 budget"
+    assert sensitivity.budget_note(16, 64, 2.5e11, "x", data(12)) is None  # all the data had
+    assert sensitivity.budget_note(64, 64, 1.0, "x", data(100)) is None
+
+
 def test_layer_curves_start_at_zero_and_grow_with_sparsity(digits):
     model, data = digits
     curves = analyze_layers(model, data, samples=64, progress=False)
