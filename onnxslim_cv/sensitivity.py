@@ -60,8 +60,9 @@ CACHE_BUDGET_BYTES = activations.REFERENCE_BUDGET_BYTES
 MEASURE_BUDGET_MACS = 4e12
 """Multiply-adds a pass's per-layer curves may cost (each layer's suffix x levels x samples) before
 they are measured on fewer samples than the pass asks for: about a minute of onnxruntime on this
-project's 2-core machine. SqueezeNet, ResNet-20 and MobileNetV2 stay within it at 64 samples;
-ResNet-50 at 224 x 224 would need 4e13 (over 10 minutes)."""
+project's 2-core machine (ResNet-50 runs at about 40 GMAC/s per thread here). SqueezeNet,
+ResNet-20 and MobileNetV2 stay within it at 64 samples; ResNet-50 at 224 x 224 would need 4e13,
+ten times as much, and gets 16."""
 MIN_MEASURE_SAMPLES = 16
 """The fewest samples a budget cut leaves (a classifier's logits, a detector's maps per sample)."""
 
