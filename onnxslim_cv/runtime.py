@@ -183,6 +183,7 @@ def only_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     inputs are asked for, the graph is kept whole (onnxruntime refuses one without nodes)."""
     graph = proto.graph
     wanted = [name for name in dict.fromkeys(names) if name]
+    targets = set(wanted)
     needed = set(wanted)
     keep = []
     for node in reversed(graph.node):  # nodes are stored in topological order
@@ -195,9 +196,9 @@ def only_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     keep.reverse()
     del graph.node[:]
     graph.node.extend(keep)
-    known = {}
+    known = {}  # the wanted tensors' declared types, copied before their lists are cleared
     for value in list(graph.output) + list(graph.value_info) + list(graph.input):
-        if value.type.HasField("tensor_type"):
+        if value.name in targets and value.type.HasField("tensor_type"):
             known[value.name] = onnx.ValueInfoProto()
             known[value.name].CopyFrom(value)
     del graph.output[:]
