@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import activations, channel_obs, runtime
+from . import activations, channel_obs, regions, runtime
 from .errors import UserError
 from .ir import Model
 from .reconstruct import SliceCache
@@ -819,11 +819,55 @@ class ReferenceOutputs:
     def pairs(self):
         return iter(self.cache) if self.cache is not None else self._compute()
 
-    def loss(self, candidate: Model) -> Dict[str, float]:
+    def loss(self, candidate: Model, original: Optional[Model] = None) -> Dict[str, float]:
+        """``candidate``'s losses against the reference outputs.
+
+        ``original``: the model the reference outputs are from, when ``candidate`` is a copy of it
+        with some nodes changed (a pruned group). Then only the changed nodes and everything
+        downstream of them run, fed with ``original``'s values at the cut (tapped once per cut
+        and kept while the next candidates cut at the same place): onnxruntime runs every node
+        of a session, so the unchanged prefix would otherwise be recomputed for every candidate.
+        Same values as the whole candidate up to float rounding where the cut splits a fusion.
+        """
+        if original is not None and self.cache is not None:
+            cut = regions.changed_region(original, candidate)
+            if cut is not None and cut.outputs and cut.nodes < len(candidate.graph.nodes):
+                values = self._cut_values(original, cut.feeds)
+                if values is not None:
+                    return self._suffix_loss(candidate, cut, values)
         session = activations.tap_session(candidate, [], dynamic_batch=self.grow)
         losses = _Losses(self.outputs)
         for feed, ref in self.pairs():
             losses.add(ref, runtime.run(session, feed, self.outputs), activations.feed_batch(feed))
+        return losses.result()
+
+    def _cut_values(self, original: Model, feeds: Tuple[str, ...]) -> Optional[List[Dict[str, np.ndarray]]]:
+        """Per cached batch, ``original``'s values of ``feeds``; None when they would not fit the budget."""
+        kept = getattr(self, "_cut", None)
+        if kept is not None and kept[0] == feeds:
+            return kept[1]
+        self._cut = None
+        inputs = {t.name for t in original.graph.inputs}
+        tapped = [name for name in feeds if name not in inputs]
+        session = activations.tap_session(original, tapped, dynamic_batch=self.grow, only=True) if tapped else None
+        values, used = [], 0
+        for feed, _ in self.cache:
+            got = dict(zip(tapped, runtime.run(session, feed, tapped))) if tapped else {}
+            batch = {name: np.asarray(feed[name] if name in inputs else got[name]) for name in feeds}
+            used += sum(v.nbytes for name, v in batch.items() if name not in inputs)
+            if used > CACHE_BUDGET_BYTES:
+                return None
+            values.append(batch)
+        self._cut = (feeds, values)
+        return values
+
+    def _suffix_loss(self, candidate: Model, cut: regions.ChangedRegion, values: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
+        session = regions.region_session(candidate, cut, values[0], cut.outputs)
+        losses = _Losses(self.outputs)
+        for (feed, ref), cut_feed in zip(self.cache, values):
+            got = dict(zip(cut.outputs, runtime.run(session, cut_feed, list(cut.outputs))))
+            candidate_outputs = [got[name] if name in got else r for name, r in zip(self.outputs, ref)]
+            losses.add(ref, candidate_outputs, activations.feed_batch(feed))
         return losses.result()
 
 
@@ -955,8 +999,9 @@ def analyze_groups(
     The least important units (``criterion``, as prune scores them; counts rounded as prune
     rounds them with ``round_to`` / ``min_channels``) are removed physically from a copy,
     then recovered as ``--prune-recovery`` would (``recovery``: none, bias = mean bias
-    compensation, lsq = least-squares refit of the group's consumers), and the whole model is run
-    (removal changes shapes, so no suffix trick). ``macs_at`` records the model's MACs per
+    compensation, lsq = least-squares refit of the group's consumers), and the part of the copy
+    that differs from the model is run on the model's own values where it starts
+    (:meth:`ReferenceOutputs.loss` with ``original``). ``macs_at`` records the model's MACs per
     level for :func:`allocate`. ``groups`` limits the analysis to these group ids; ``scores``:
     prune's unit scores for ``model``, when it has them (else computed by ``criterion``);
     ``limits``: prune's per-group rounding (else from ``round_to`` / ``min_channels``).
@@ -998,7 +1043,7 @@ def analyze_groups(
                     if count == 0:
                         measured[count] = {m: 0.0 for m in METRICS}
                     else:
-                        measured[count] = reference.loss(P.pruned_copy(work, dg, removed, recovery, data, means, cache))
+                        measured[count] = reference.loss(P.pruned_copy(work, dg, removed, recovery, data, means, cache), work)
                 results.append(measured[count])
                 macs_at.append(int(round(budget.kept({group.id: ratio}) * budget.total)))
                 bar.update(1)

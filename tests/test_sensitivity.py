@@ -239,6 +239,28 @@ def test_group_loss_is_what_prune_with_bias_recovery_does(digits, tmp_path):
     assert reference.loss(pruned)["cosine"] == pytest.approx(curve.loss["cosine"][1], rel=1e-6)
 
 
+@pytest.mark.parametrize("builder", ["resnet_basic_block", "unet_like", "detection_head", "split_concat"])
+@pytest.mark.parametrize("recovery", ["bias", "lsq"])
+def test_group_curves_run_only_what_the_group_changes_and_match_whole_model_runs(builder, recovery, monkeypatch):
+    proto = test_models.build(builder)
+    model, data = Model.from_proto(proto), _data(proto, 8)
+    cut_curves = analyze_groups(model, data, ratios=(0.25, 0.5), samples=8, recovery=recovery, progress=False)
+    runs = []
+    full_run = sensitivity.ReferenceOutputs.loss
+
+    def whole(self, candidate, original=None):
+        runs.append(original is not None)
+        return full_run(self, candidate)  # without ``original``: every node runs
+
+    monkeypatch.setattr(sensitivity.ReferenceOutputs, "loss", whole)
+    whole_curves = analyze_groups(model, data, ratios=(0.25, 0.5), samples=8, recovery=recovery, progress=False)
+    assert runs and all(runs)  # analyze_groups asks for the cut on every candidate
+    assert [c.name for c in cut_curves] == [c.name for c in whole_curves]
+    for cut, full in zip(cut_curves, whole_curves):
+        for metric in full.loss:
+            np.testing.assert_allclose(cut.loss[metric], full.loss[metric], rtol=1e-5, atol=1e-9, err_msg=cut.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Allocation
 # ---------------------------------------------------------------------------------------------
