@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import activations, runtime
+from . import activations, regions, runtime
 from .graph_utils import new_constant, replace_constant_values
 from .ir import Model
 
@@ -128,12 +128,41 @@ class SliceCache:
     sub-blocks of the full ones. Accumulated once, they spare the later ratios the original
     model's runs and the patch products. An entry depends only on the original model, the data
     and the layer, so it serves every group the layer consumes; the oldest are dropped past
-    ``max_bytes``. Use one cache per (model, data) pair.
+    ``max_bytes`` (0: none kept). It also holds the original model's values on the data
+    (:class:`OriginalValues`, up to ``values_bytes``). Use one cache per (model, data) pair.
     """
 
-    def __init__(self, max_bytes: int = 512 << 20):
+    def __init__(self, max_bytes: int = 512 << 20, values_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
         self._entries: Dict[str, _FullEquations] = {}
+        self.values_bytes = values_bytes
+        self._values: Optional[OriginalValues] = None
+        self._original: Optional[Model] = None
+        self._proto = None
+        self._grows: Dict[frozenset, bool] = {}
+
+    def original_facts(self, original: Model, names: Sequence[str]):
+        """(``original``'s proto, whether its batch can grow with ``names`` tapped), kept for the
+        next calls on the same model (each used to export it and probe a session)."""
+        if self._original is not original:
+            self._original, self._proto, self._grows = original, original.to_proto(), {}
+        key = frozenset(names)
+        if key not in self._grows:
+            self._grows[key] = activations.batch_can_grow(runtime.with_outputs(self._proto, list(names)))
+        return self._proto, self._grows[key]
+
+    def original_values(self, original: Model, data, dynamic_batch: bool, batch_size: int) -> Optional["OriginalValues"]:
+        """The store of ``original``'s values on ``data`` (made on first use); None for another
+        model or data than the first call's, or when ``values_bytes`` is 0."""
+        if not self.values_bytes:
+            return None
+        if self._values is None:
+            proto = self._proto if self._original is original else None
+            self._values = OriginalValues(original, data, dynamic_batch, batch_size, self.values_bytes, proto)
+        held = self._values
+        if held.original is not original or held.data is not data or held.dynamic_batch != dynamic_batch:
+            return None
+        return held
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -180,6 +209,60 @@ class SliceCache:
         consumer.cross = entry.cross[np.ix_(columns, outputs)]
         consumer.rows = entry.rows
         consumer.target_energy = float(entry.energy[outputs].sum())
+
+
+class OriginalValues:
+    """The original model's values of any tensors on the calibration batches, computed once.
+
+    Prune's sensitivity curves refit the consumers of one group at many ratios, and compare
+    several allocations: every call used to run the original model up to each stage's inputs
+    again, and the pruned copy from the graph inputs, although the copy computes the original's
+    values up to the group's first changed node. This keeps the batches and the original's
+    values per tensor (the least recently used dropped past ``max_bytes``), so the calls
+    run only the part of the pruned copy that changed (:mod:`onnxslim_cv.regions`).
+    """
+
+    def __init__(self, original: Model, data, dynamic_batch: bool, batch_size: int, max_bytes: int, proto=None):
+        self.original, self.data, self.dynamic_batch = original, data, dynamic_batch
+        self.max_bytes = max_bytes
+        self.proto = original.to_proto() if proto is None else proto
+        probe = activations.tap_session(self.proto, [], dynamic_batch=dynamic_batch)
+        self.batch_size = activations.session_batch_size(probe, batch_size)
+        self.feeds = list(data.batches(self.batch_size) if hasattr(data, "batches") else iter(data))
+        self._values: Dict[str, List[np.ndarray]] = {}  # insertion order = least recently used first
+
+    def _bytes(self) -> int:
+        return sum(v.nbytes for arrays in self._values.values() for v in arrays)
+
+    def get(self, names: Sequence[str]) -> Optional[List[Dict[str, np.ndarray]]]:
+        """Per batch, ``{name: value}``; None when they alone would exceed ``max_bytes``."""
+        inputs = {t.name for t in self.original.graph.inputs}
+        missing = [n for n in dict.fromkeys(names) if n not in self._values and n not in inputs]
+        if missing:
+            session = activations.tap_session(self.proto, missing, dynamic_batch=self.dynamic_batch, only=True)
+            fresh: Dict[str, List[np.ndarray]] = {n: [] for n in missing}
+            used = sum(v.nbytes for n in names if n in self._values for v in self._values[n])
+            for feed in self.feeds:
+                for name, value in zip(missing, runtime.run(session, feed, missing)):
+                    value = np.asarray(value)
+                    used += value.nbytes
+                    if used > self.max_bytes:
+                        return None
+                    fresh[name].append(value)
+            self._values.update(fresh)
+        for name in names:  # most recently used last
+            if name in self._values:
+                self._values[name] = self._values.pop(name)
+        held = self._bytes()
+        wanted = set(names)
+        for name in [n for n in self._values if n not in wanted]:
+            if held <= self.max_bytes:
+                break
+            held -= sum(v.nbytes for v in self._values.pop(name))
+        return [
+            {name: (feed[name] if name in inputs else self._values[name][i]) for name in names}
+            for i, feed in enumerate(self.feeds)
+        ]
 
 
 def _taps(node: gs.Node) -> int:
@@ -305,27 +388,47 @@ def reconstruct(
             todo.append(consumer.name)
     stages = _stages(pruned, todo)
     input_names = sorted({orig_nodes[n].inputs[0].name for n in todo})
-    original_proto = original.to_proto() if todo else None
-    dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original_proto, input_names)) if todo else False
+    if cache is not None and todo:
+        original_proto, dynamic_batch = cache.original_facts(original, input_names)
+    else:
+        original_proto = original.to_proto() if todo else None
+        dynamic_batch = activations.batch_can_grow(runtime.with_outputs(original_proto, input_names)) if todo else False
+    store = cache.original_values(original, data, dynamic_batch, batch_size) if cache is not None and todo else None
     # one stream per layer: its rows do not depend on the other layers, its stage or the cache
     rngs = {name: np.random.default_rng([seed, zlib.crc32(name.encode())]) for name in todo}
     for index, stage in enumerate(stages):
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
+        references = store.get(names) if store is not None else None
+        changed = _changed_part(original, pruned, names, store) if references is not None else None
         # each stage's sessions compute only what leads to its taps (onnxruntime would run the whole model)
-        original_session = activations.tap_session(original_proto, names, dynamic_batch=dynamic_batch, only=True)
-        pruned_session = activations.tap_session(pruned, names, dynamic_batch=dynamic_batch, only=True)
-        size = activations.session_batch_size(pruned_session, batch_size)
-        batches = data.batches(size) if hasattr(data, "batches") else iter(data)
+        original_session = None if references is not None else (
+            activations.tap_session(original_proto, names, dynamic_batch=dynamic_batch, only=True))
+        pruned_session = None if changed is not None else (
+            activations.tap_session(pruned, names, dynamic_batch=dynamic_batch, only=True))
+        if references is not None:
+            batches = iter(store.feeds)
+        else:
+            size = activations.session_batch_size(pruned_session, batch_size)
+            batches = data.batches(size) if hasattr(data, "batches") else iter(data)
         kept = {orig_nodes[n].inputs[0].name: (by_name[n].in_keep, -1 if orig_nodes[n].op == "MatMul" else 1) for n in stage}
         sliced = None  # the first stage's pruned inputs are usually the original ones minus channels
         missing: Optional[List[str]] = None  # with ``cache``: the stage's consumers it must still gather
-        for feed in batches:
-            reference = dict(zip(names, runtime.run(original_session, feed, names)))
+        for number, feed in enumerate(batches):
+            if references is not None:
+                reference = references[number]
+            else:
+                reference = dict(zip(names, runtime.run(original_session, feed, names)))
             if missing is None:
                 if sliced:
                     current = {name: np.compress(keep, reference[name], axis) for name, (keep, axis) in kept.items()}
                 else:
-                    current = dict(zip(names, runtime.run(pruned_session, feed, names)))
+                    if changed is not None:
+                        session, inside, feeds = changed
+                        current = dict(reference)
+                        if inside:
+                            current.update(zip(inside, runtime.run(session, feeds[number], inside)))
+                    else:
+                        current = dict(zip(names, runtime.run(pruned_session, feed, names)))
                     if sliced is None:
                         sliced = index == 0 and all(_is_slice(reference[name], current[name], *kept[name]) for name in names)
                         if sliced and cache is not None:
@@ -347,6 +450,25 @@ def reconstruct(
         if progress is not None:
             progress.update(1)
     return list(consumers)
+
+
+def _changed_part(original: Model, pruned: Model, names: Sequence[str], store: OriginalValues):
+    """(session, taps it computes, its feeds per batch) running only the nodes of ``pruned``
+    that differ from ``original`` and lead to ``names``; the other taps are the original's
+    values. None when no such cut can be made or its feeds do not fit the store."""
+    region = regions.changed_region(original, pruned)
+    if region is None:
+        return None
+    inside = [name for name in names if name in region.tensors]
+    if not inside:
+        return None, [], None
+    feeds = store.get(list(region.feeds))
+    if feeds is None:
+        return None
+    try:
+        return regions.region_session(pruned, region, feeds[0], inside), inside, feeds
+    except Exception:  # onnxruntime refused the cut: run the whole pruned model instead
+        return None
 
 
 def _is_slice(full: np.ndarray, part: np.ndarray, keep: np.ndarray, axis: int) -> bool:

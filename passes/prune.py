@@ -126,6 +126,7 @@ class PrunePass(Pass):
             "calib_mirror",
             "auto",
             "also fit on mirrored calibration images: hflip (left-right, 2x the samples), flips (and upside down, 4x), "
+            f"crops (left-right and random zoomed-in crops, up to {calibration.CROPS_TARGET} samples), "
             f"none; auto = hflip under {MIRROR_BELOW} samples, where refits from few images overfit (image inputs only)",
             str,
             choices=MIRRORS,
@@ -700,6 +701,7 @@ def _choose_allocation(model, dg, candidates: Dict[str, List[int]], data, recove
     rows: Dict[str, Dict[str, Any]] = {}
     made: Dict[str, _Pruned] = {}
     seen: Dict[Tuple[int, ...], str] = {}
+    values = SliceCache(max_bytes=0)  # no equations kept: the candidates share only the original's values
     with _bar(context, len(candidates), "prune: comparing allocations", "candidate") as bar:
         for name, removed in candidates.items():
             key = tuple(removed)
@@ -707,7 +709,7 @@ def _choose_allocation(model, dg, candidates: Dict[str, List[int]], data, recove
                 rows[name] = dict(rows[seen[key]], same_as=seen[key])
             else:
                 seen[key] = name
-                made[name] = _Pruned.of(model, model.copy(), dg, removed, recovery, data, means, seed=context.seed)
+                made[name] = _Pruned.of(model, model.copy(), dg, removed, recovery, data, means, seed=context.seed, cache=values)
                 rows[name] = {"cosine": reference.loss(made[name].model)["cosine"], "macs_kept": dg.macs(removed) / macs_before}
             bar.update(1)
     chosen = min(rows, key=lambda name: rows[name]["cosine"])  # ties: the first, ranking
