@@ -826,5 +826,42 @@ def test_mirrored_leaves_non_images_and_none_alone():
     assert same is data and "not an NCHW / NHWC float image" in why_not
     same, why_not = cal.mirrored(data, "none")
     assert same is data and why_not == "not asked for"
-    with pytest.raises(UserError, match="choose one of none, hflip, flips"):
+    with pytest.raises(UserError, match="choose one of none, hflip, flips, crops"):
         cal.mirrored(data, "rotate")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_crops_add_a_mirror_and_zoomed_crops_up_to_the_target_count(layout):
+    shape = (1, 3, 20, 30) if layout == "nchw" else (1, 20, 30, 3)
+    h, w = (2, 3) if layout == "nchw" else (1, 2)
+    # a horizontal ramp: any crop of it, resized back, is a ramp too, within the image's values
+    ramp = np.broadcast_to(np.arange(30, dtype=np.float32).reshape([30 if a == w else 1 for a in range(4)]), shape)
+    items = [{"x": np.ascontiguousarray(ramp) + 100 * i} for i in range(10)]
+    data, why_not = cal.mirrored(from_iterable(items, [TensorSpec("x", shape, F32)]), "crops")
+    assert why_not is None
+    got = [item["x"] for item in data]
+    per = 2 + 5  # ceil(64 / 10) - 2 = 5 crops, after the sample and its mirror
+    assert data.count() == 10 * per == len(got) and data.count() >= cal.CROPS_TARGET
+    assert "5 random crops each" in data.description
+    for i, item in enumerate(items):
+        own = got[i * per : (i + 1) * per]
+        np.testing.assert_array_equal(own[0], item["x"])
+        np.testing.assert_array_equal(own[1], np.flip(item["x"], w))
+        for crop in own[2:]:
+            assert crop.shape == shape and crop.dtype == np.float32
+            assert 100 * i - 1e-3 <= crop.min() and crop.max() <= 100 * i + 29 + 1e-3
+            span = crop.max() - crop.min()
+            assert 29 * 0.5 < span < 29 * 0.95  # zoomed in: a part of the ramp, stretched
+            profile = np.moveaxis(crop, w, -1).reshape(-1, 30)
+            assert np.allclose(profile, profile[:1], atol=1e-4)  # rows stay equal
+            assert np.all(np.diff(profile[0]) > 0) or np.all(np.diff(profile[0]) < 0)  # mirrored or not
+    again = [item["x"] for item in data]  # the same boxes on every pass
+    for a, b in zip(got, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_crops_of_a_large_set_still_add_one_crop_each():
+    items = [{"x": np.ones((1, 1, 8, 8), np.float32)} for _ in range(70)]
+    data, _ = cal.mirrored(from_iterable(items, [TensorSpec("x", (1, 1, 8, 8), F32)]), "crops")
+    assert data.count() == 70 * 3
+    assert all(np.allclose(item["x"], 1.0) for item in data)

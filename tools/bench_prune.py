@@ -4,6 +4,7 @@
     python tools/bench_prune.py [--models resnet20,squeezenet] [--ratios 0.1,0.3] [--samples 256]
                                 [--eval-limit 200] [--latency-seconds 2] [--markdown out.md] [--json out.json]
                                 [--allocation auto|ranking|sensitivity|marginal] [--target-macs 0.8,0.7]
+                                [--calib-mirror auto|none|hflip|flips|crops]
 
 For every model and ratio R, three runs of ``fold,prune`` on the model as loaded (dynamic
 models at the zoo's fixed input shape):
@@ -19,7 +20,8 @@ models at the zoo's fixed input shape):
 
 ``--allocation`` sets the third run's ``allocation`` (default: the pass default, auto, which
 prunes with every allocation and keeps the one with the lowest calibration loss; the
-quality cell then names the one chosen).
+quality cell then names the one chosen). ``--calib-mirror`` sets its ``calib_mirror`` (the
+copies added to small calibration sets; default: the pass default, auto).
 ``--target-macs F,...`` replaces the ratios by fixed MACs targets and runs only the third
 method at each (the issue's quality targets are stated that way).
 
@@ -66,12 +68,14 @@ METHODS = (
 )
 
 
-def method_options(method: str, ratio: float, target: Optional[float], allocation: Optional[str] = None) -> Dict[str, Any]:
+def method_options(method: str, ratio: float, target: Optional[float], allocation: Optional[str] = None,
+                   calib_mirror: Optional[str] = None) -> Dict[str, Any]:
     if method == "l1":
         return {"ratio": ratio, "criterion": "l1", "recovery": "none", "round_to": 1}
     if method == "ours":
         return {"target_macs": target, "recovery": "none"}
-    return {"target_macs": target, **({"allocation": allocation} if allocation else {})}
+    return {"target_macs": target, **({"allocation": allocation} if allocation else {}),
+            **({"calib_mirror": calib_mirror} if calib_mirror else {})}
 
 
 def _error_text(exc: BaseException) -> str:
@@ -146,6 +150,7 @@ def bench_model(
     latency_seconds: float,
     allocation: Optional[str] = None,
     targets: Optional[Sequence[float]] = None,
+    calib_mirror: Optional[str] = None,
 ) -> Dict[str, Any]:
     started = time.perf_counter()
     eval_n, calib_n = benchlib.disjoint_split(entry, eval_limit, samples)
@@ -176,7 +181,7 @@ def bench_model(
             if method != "l1" and target is None:
                 cells[method] = {"status": "skipped", "error": "no baseline MACs ratio"}
                 continue
-            options = method_options(method, ratio, target, allocation)
+            options = method_options(method, ratio, target, allocation, calib_mirror)
             if method == "ours_lsq":
                 options["samples"] = calib_n
             cells[method] = run_cell(
@@ -308,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="latency measurement time per pruned model (default %(default)s)")
     parser.add_argument("--allocation", choices=prune_pass.ALLOCATIONS,
                         help="allocation of the 'ours + reconstruction' runs (default: the pass default, auto)")
+    parser.add_argument("--calib-mirror", choices=prune_pass.MIRRORS,
+                        help="calib_mirror of the 'ours + reconstruction' runs (default: the pass default, auto)")
     parser.add_argument("--target-macs", metavar="F,...",
                         help="instead of the ratios: run only 'ours + reconstruction' at these MACs targets")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables to this markdown file")
@@ -337,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 rows.append(bench_model(entry, ratios, folder, samples=args.samples, eval_limit=eval_limit,
                                         latency_seconds=args.latency_seconds, allocation=args.allocation,
-                                        targets=targets))
+                                        targets=targets, calib_mirror=args.calib_mirror))
             except Exception as exc:  # loading / evaluating the original failed: say so, go on
                 benchlib.progress(f"{entry.key}: failed before pruning: {_error_text(exc)}\n{traceback.format_exc()}")
     wall = time.perf_counter() - started
