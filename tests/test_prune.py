@@ -361,12 +361,13 @@ def test_mirrored_calibration_lowers_the_held_out_error_when_images_are_few():
     reference = _outputs(proto, feed)[0]
     calib = _calibration(proto, 2, seed=5)
     errors, notes = {}, {}
-    for mirror in ("none", "auto", "flips"):
+    for mirror in ("none", "auto", "flips", "crops"):
         out, report = _prune(proto, calib, ratio=0.5, round_to=1, criterion="l2", calib_mirror=mirror)
         errors[mirror] = _relative_error(reference, _outputs(out, feed)[0])
         notes[mirror] = [n for n in report.notes if n.startswith("calibration:")]
-    assert errors["auto"] < 0.9 * errors["none"] and errors["flips"] < 0.9 * errors["none"], errors
+    assert all(errors[m] < 0.9 * errors["none"] for m in ("auto", "flips", "crops")), errors
     assert notes["none"] == [] and "(hflip), 4 samples" in notes["auto"][0] and "(flips), 8 samples" in notes["flips"][0]
+    assert "30 random crops each (crops), 64 samples" in notes["crops"][0]
 
 
 def test_mirroring_stops_at_enough_samples():
