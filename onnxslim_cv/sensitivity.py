@@ -605,6 +605,23 @@ def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
     return int(total)
 
 
+def group_suffix_macs(model: Model, groups: Sequence[Any], data=None) -> int:
+    """Multiply-adds per sample of what each channel group's pruned copy runs in
+    :func:`analyze_groups` (its source nodes and everything downstream of them), summed over
+    ``groups`` (depgraph channel groups). Input dims as :func:`suffix_macs` takes them."""
+    work, macs = _node_macs(model, data)
+    by_name = {n.name: n for n in work.graph.nodes}
+    total = 0
+    for group in groups:
+        inside: set = set()
+        for name in group.sources or group.nodes:
+            node = by_name.get(name)
+            if node is not None:
+                inside |= _downstream(node)
+        total += sum(macs[i] for i in inside)
+    return int(total)
+
+
 def model_macs(model: Model, data=None) -> int:
     """Multiply-adds per sample of the whole model (input dims as :func:`suffix_macs` takes them)."""
     return int(sum(_node_macs(model, data)[1].values()))

@@ -642,11 +642,11 @@ def _measured_allocations(model, dg, scores, limits, fixed_ratio, data, criterio
     if not ids:
         return {}
     levels = sensitivity.DEFAULT_RATIOS
-    # each point runs the whole model (removal changes shapes): large models get fewer samples
-    per_sample = len(ids) * len(levels) * sensitivity.model_macs(model, data)
+    # each point runs its group's sources and everything downstream: large models get fewer samples
+    per_sample = len(levels) * sensitivity.group_suffix_macs(model, [dg.groups[gid] for gid in ids], data)
     samples = sensitivity.samples_within(per_sample, SENSITIVITY_SAMPLES)
     note = sensitivity.budget_note(samples, SENSITIVITY_SAMPLES, per_sample,
-                                   f"{len(ids)} groups x {len(levels)} ratios x the model", data)
+                                   f"{len(ids)} groups x {len(levels)} ratios x the part of the model each group changes", data)
     if note:
         report.notes.append(f"group {note}")
     with _bar(context, len(ids) * len(levels), "prune: sensitivity", "eval") as bar:

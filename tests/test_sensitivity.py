@@ -72,6 +72,18 @@ def test_suffix_macs_sum_each_layer_and_everything_downstream_at_the_data_s_size
     assert sensitivity.affordable_samples(model, layers, 2, 8, data, budget=per_sample)[0] == 8  # never more than asked
 
 
+def test_group_suffix_macs_count_each_group_s_sources_and_everything_downstream():
+    model = Model.from_proto(_conv_chain())
+    dg = build_dependency_graph(model.copy())
+    data = from_iterable([{"x": np.zeros((1, 3, 8, 8), np.float32)}], model.input_specs())
+    own = [64 * 8 * 3 * 9, 64 * 8 * 8, 64 * 4 * 8]  # conv0, conv1, conv2 at 8 x 8
+    groups = {tuple(g.sources): g for g in dg.prunable_groups}
+    assert set(groups) == {("conv0",), ("conv1",)}  # conv2 writes the graph output
+    assert sensitivity.group_suffix_macs(model, [groups[("conv0",)]], data) == sum(own)
+    assert sensitivity.group_suffix_macs(model, [groups[("conv1",)]], data) == own[1] + own[2]
+    assert sensitivity.group_suffix_macs(model, list(groups.values()), data) == sum(own) + own[1] + own[2]
+
+
 def test_budget_note_only_when_the_curves_saw_fewer_samples_than_the_data_had():
     model = Model.from_proto(_conv_chain())
     data = lambda count: from_iterable([{"x": np.zeros((1, 3, 8, 8), np.float32)}] * count, model.input_specs())
