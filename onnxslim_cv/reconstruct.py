@@ -228,26 +228,41 @@ class OriginalValues:
         self.proto = original.to_proto() if proto is None else proto
         probe = activations.tap_session(self.proto, [], dynamic_batch=dynamic_batch)
         self.batch_size = activations.session_batch_size(probe, batch_size)
-        self.feeds = list(data.batches(self.batch_size) if hasattr(data, "batches") else iter(data))
+        self.feeds: List[Dict[str, np.ndarray]] = []
+        held = 0
+        for feed in data.batches(self.batch_size) if hasattr(data, "batches") else iter(data):
+            held += sum(np.asarray(v).nbytes for v in feed.values())
+            if held > max_bytes // 4:  # the inputs alone would crowd out the values: keep nothing
+                self.feeds = []
+                break
+            self.feeds.append(feed)
+        self.usable = bool(self.feeds)
         self._values: Dict[str, List[np.ndarray]] = {}  # insertion order = least recently used first
+        self._too_big: set = set()  # tensor sets that did not fit: not tried again
 
     def _bytes(self) -> int:
         return sum(v.nbytes for arrays in self._values.values() for v in arrays)
 
     def get(self, names: Sequence[str]) -> Optional[List[Dict[str, np.ndarray]]]:
-        """Per batch, ``{name: value}``; None when they alone would exceed ``max_bytes``."""
+        """Per batch, ``{name: value}``; None when they alone would exceed ``max_bytes`` (judged
+        from the first batch, and remembered) or the inputs did not fit in the first place."""
         inputs = {t.name for t in self.original.graph.inputs}
         missing = [n for n in dict.fromkeys(names) if n not in self._values and n not in inputs]
+        key = frozenset(names)
+        if not self.usable or key in self._too_big:
+            return None
         if missing:
             session = activations.tap_session(self.proto, missing, dynamic_batch=self.dynamic_batch, only=True)
             fresh: Dict[str, List[np.ndarray]] = {n: [] for n in missing}
-            used = sum(v.nbytes for n in names if n in self._values for v in self._values[n])
-            for feed in self.feeds:
-                for name, value in zip(missing, runtime.run(session, feed, missing)):
-                    value = np.asarray(value)
-                    used += value.nbytes
-                    if used > self.max_bytes:
-                        return None
+            held = sum(v.nbytes for n in names if n in self._values for v in self._values[n])
+            for number, feed in enumerate(self.feeds):
+                values = [np.asarray(v) for v in runtime.run(session, feed, missing)]
+                batch = sum(v.nbytes for v in values)
+                if held + batch * (len(self.feeds) - number) > self.max_bytes:  # judged from this batch's size
+                    self._too_big.add(key)
+                    return None
+                held += batch
+                for name, value in zip(missing, values):
                     fresh[name].append(value)
             self._values.update(fresh)
         for name in names:  # most recently used last

@@ -247,3 +247,30 @@ def test_refits_from_the_original_s_values_and_the_changed_part_match_whole_mode
     assert cut_nodes and min(cut_nodes) < len(model.graph.nodes)  # some stages ran only part of the model
     computed = [name for names in tapped for name in names]
     assert len(computed) == len(set(computed))  # each original value computed once
+
+
+def test_original_values_over_budget_are_refused_once_and_the_refit_runs_the_models_instead(monkeypatch):
+    from onnxslim_cv.reconstruct import OriginalValues, SliceCache
+
+    original, pruned, consumers = _remove_units(_conv_then_conv(), [1, 3])
+    data = _data(original, count=32)
+    store = OriginalValues(original, data, True, 16, max_bytes=1 << 20)
+    name = next(n for n in original.graph.nodes if n.name == "conv2").inputs[0].name
+    values = store.get([name])
+    assert values is not None and len(values) == 2 and values[0][name].shape[0] == 16
+    store.max_bytes = values[0][name].nbytes  # room for one batch of it, not two
+    store._values.clear()
+    assert store.get([name]) is None and frozenset([name]) in store._too_big
+    runs = []
+    with monkeypatch.context() as patch:
+        real = runtime.run
+        patch.setattr(runtime, "run", lambda *a, **k: runs.append(1) or real(*a, **k))
+        assert store.get([name]) is None and not runs  # remembered: not computed again
+    assert OriginalValues(original, data, True, 16, max_bytes=1000).usable is False  # the inputs alone are too big
+    fits = []
+    for cache in (SliceCache(max_bytes=0, values_bytes=1000), None):
+        original, pruned, consumers = _remove_units(_conv_then_conv(), [1, 3])
+        reconstruct(original, pruned, consumers, data, cache=cache)
+        fits.append({t.name: t.values.copy() for t in pruned.constants()})
+    for key in fits[0]:
+        np.testing.assert_array_equal(fits[0][key], fits[1][key])
