@@ -124,11 +124,11 @@ def region_session(candidate: Model, region: ChangedRegion, example: Dict[str, n
     work = candidate.copy()
     graph = work.graph
     feeds: Dict[str, gs.Variable] = {}
-    for name in region.feeds:
+    for index, name in enumerate(region.feeds):
         value = np.asarray(example[name])
         shape: List[Any] = list(value.shape)
-        if shape:
-            shape[0] = "batch"
+        if shape:  # one symbol per feed: a shape tensor's dim 0 is no batch
+            shape[0] = f"feed{index}_d0"
         feeds[name] = gs.Variable(name, dtype=value.dtype, shape=shape)
     nodes = [n for n in graph.nodes if n.name in region.names]
     for n in nodes:

@@ -251,7 +251,7 @@ def test_group_loss_is_what_prune_with_bias_recovery_does(digits, tmp_path):
     assert reference.loss(pruned)["cosine"] == pytest.approx(curve.loss["cosine"][1], rel=1e-6)
 
 
-@pytest.mark.parametrize("builder", ["resnet_basic_block", "unet_like", "detection_head", "split_concat"])
+@pytest.mark.parametrize("builder", ["resnet_basic_block", "unet_like", "detection_head", "split_concat", "reshape_matmul", "se_gemm"])
 @pytest.mark.parametrize("recovery", ["bias", "lsq"])
 def test_group_curves_run_only_what_the_group_changes_and_match_whole_model_runs(builder, recovery, monkeypatch):
     proto = test_models.build(builder)
