@@ -223,14 +223,20 @@ class OriginalValues:
     """
 
     def __init__(self, original: Model, data, dynamic_batch: bool, batch_size: int, max_bytes: int, proto=None):
+        """``data``: calibration data, batched here by ``batch_size`` (or the model's fixed
+        batch), or a list of feeds (batches) to use as they are."""
         self.original, self.data, self.dynamic_batch = original, data, dynamic_batch
         self.max_bytes = max_bytes
         self.proto = original.to_proto() if proto is None else proto
-        probe = activations.tap_session(self.proto, [], dynamic_batch=dynamic_batch)
-        self.batch_size = activations.session_batch_size(probe, batch_size)
+        if isinstance(data, list):
+            batches = data
+        else:
+            probe = activations.tap_session(self.proto, [], dynamic_batch=dynamic_batch)
+            size = activations.session_batch_size(probe, batch_size)
+            batches = data.batches(size) if hasattr(data, "batches") else iter(data)
         self.feeds: List[Dict[str, np.ndarray]] = []
         held = 0
-        for feed in data.batches(self.batch_size) if hasattr(data, "batches") else iter(data):
+        for feed in batches:
             held += sum(np.asarray(v).nbytes for v in feed.values())
             if held > max_bytes // 4:  # the inputs alone would crowd out the values: keep nothing
                 self.feeds = []

@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from . import activations, channel_obs, regions, runtime
 from .errors import UserError
 from .ir import Model
-from .reconstruct import SliceCache
+from .reconstruct import OriginalValues, SliceCache
 from .sparsity import SparseLayer, find_layer, sparsifiable_layers
 
 METRICS = ("cosine", "snr", "top1")
@@ -859,24 +859,12 @@ class ReferenceOutputs:
         return losses.result()
 
     def _cut_values(self, original: Model, feeds: Tuple[str, ...]) -> Optional[List[Dict[str, np.ndarray]]]:
-        """Per cached batch, ``original``'s values of ``feeds``; None when they would not fit the budget."""
-        kept = getattr(self, "_cut", None)
-        if kept is not None and kept[0] == feeds:
-            return kept[1]
-        self._cut = None
-        inputs = {t.name for t in original.graph.inputs}
-        tapped = [name for name in feeds if name not in inputs]
-        session = activations.tap_session(original, tapped, dynamic_batch=self.grow, only=True) if tapped else None
-        values, used = [], 0
-        for feed, _ in self.cache:
-            got = dict(zip(tapped, runtime.run(session, feed, tapped))) if tapped else {}
-            batch = {name: np.asarray(feed[name] if name in inputs else got[name]) for name in feeds}
-            used += sum(v.nbytes for name, v in batch.items() if name not in inputs)
-            if used > CACHE_BUDGET_BYTES:
-                return None
-            values.append(batch)
-        self._cut = (feeds, values)
-        return values
+        """Per cached batch, ``original``'s values of ``feeds`` (kept for the next candidates,
+        up to the cache budget); None when they would not fit."""
+        store = getattr(self, "_originals", None)
+        if store is None or store.original is not original:
+            store = self._originals = OriginalValues(original, [feed for feed, _ in self.cache], self.grow, 0, CACHE_BUDGET_BYTES)
+        return store.get(list(feeds))
 
     def _suffix_loss(self, candidate: Model, cut: regions.ChangedRegion, values: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
         session = regions.region_session(candidate, cut, values[0], cut.outputs)
