@@ -192,7 +192,7 @@ class PrunePass(Pass):
         data = context.calibration.limited(config["samples"]) if context.calibration is not None else None
         images = data.count() if data is not None else None  # before mirroring: what the criterion choice reads
         if data is not None:
-            data = _mirrored(data, images, config["calib_mirror"], report)
+            data = _mirrored(data, images, config["calib_mirror"], report, seed=context.seed)
         recovery = config["recovery"]
         if recovery == "auto":
             recovery = "lsq" if data is not None else "none"
@@ -414,13 +414,14 @@ def _consumer_moments(model: Model, dg: DependencyGraph, data, context: PassCont
         return activations.channel_moments(model, axes, data, progress=bar)
 
 
-def _mirrored(data, count: Optional[int], kind: str, report: PassReport):
-    """The calibration data (``count`` samples) with mirrored copies, as ``--prune-calib-mirror`` asks; noted in the report."""
+def _mirrored(data, count: Optional[int], kind: str, report: PassReport, seed: int = 0):
+    """The calibration data (``count`` samples) with mirrored copies, as ``--prune-calib-mirror`` asks
+    (``crops`` drawn with ``seed``); noted in the report."""
     if kind == "auto":
         if count is not None and count >= MIRROR_BELOW:
             return data
         kind = "hflip"
-    mirrored, why_not = calibration.mirrored(data, kind)
+    mirrored, why_not = calibration.mirrored(data, kind, seed=seed)
     if why_not is None:
         report.notes.append(f"calibration: {mirrored.description}, {mirrored.count() or 'all'} samples for the curves and refits")
     elif kind != "none":
