@@ -597,12 +597,17 @@ def suffix_macs(model: Model, layers: Sequence[SparseLayer], data=None) -> int:
     stay unknown count 0."""
     work, macs = _node_macs(model, data)
     by_name = {n.name: n for n in work.graph.nodes}
-    total = 0
-    for layer in layers:
-        node = by_name.get(layer.node)
+    return sum(_downstream_macs(by_name, macs, [layer.node]) for layer in layers)
+
+
+def _downstream_macs(by_name: Dict[str, gs.Node], macs: Dict[int, int], names: Sequence[str]) -> int:
+    """Multiply-adds of the named nodes and everything downstream of any of them, each node once."""
+    inside: set = set()
+    for name in names:
+        node = by_name.get(name)
         if node is not None:
-            total += sum(macs[i] for i in _downstream(node))
-    return int(total)
+            inside |= _downstream(node)
+    return int(sum(macs[i] for i in inside))
 
 
 def group_suffix_macs(model: Model, groups: Sequence[Any], data=None) -> int:
@@ -611,15 +616,7 @@ def group_suffix_macs(model: Model, groups: Sequence[Any], data=None) -> int:
     ``groups`` (depgraph channel groups). Input dims as :func:`suffix_macs` takes them."""
     work, macs = _node_macs(model, data)
     by_name = {n.name: n for n in work.graph.nodes}
-    total = 0
-    for group in groups:
-        inside: set = set()
-        for name in group.sources or group.nodes:
-            node = by_name.get(name)
-            if node is not None:
-                inside |= _downstream(node)
-        total += sum(macs[i] for i in inside)
-    return int(total)
+    return sum(_downstream_macs(by_name, macs, group.sources or group.nodes) for group in groups)
 
 
 def model_macs(model: Model, data=None) -> int:
@@ -841,8 +838,8 @@ class ReferenceOutputs:
 
         ``original``: the model the reference outputs are from, when ``candidate`` is a copy of it
         with some nodes changed (a pruned group). Then only the changed nodes and everything
-        downstream of them run, fed with ``original``'s values at the cut (tapped once per cut
-        and kept while the next candidates cut at the same place): onnxruntime runs every node
+        downstream of them run, fed with ``original``'s values at the cut (tapped once and kept,
+        least recently used dropped past the cache budget, :class:`OriginalValues`): onnxruntime runs every node
         of a session, so the unchanged prefix would otherwise be recomputed for every candidate.
         Same values as the whole candidate up to float rounding where the cut splits a fusion.
         """
