@@ -122,7 +122,13 @@ def make_session(
     without it the threads do not spin between runs, which would starve numpy in between);
     ``optimize``: True (every graph optimization), False (none) or ``"extended"`` (fusions, but
     not the NCHWc layout pass that renames convs); ``quiet`` silences onnxruntime's own error
-    lines (for probes whose failure is an answer); ``profile_prefix`` turns its profiler on."""
+    lines (for probes whose failure is an answer); ``profile_prefix`` turns its profiler on.
+
+    Working sessions (no ``threads``) also run without onnxruntime's CPU memory arena. The arena
+    grows to each session's largest run and keeps it until the session goes; the passes hold
+    several sessions at once on large calibration batches, and on a ResNet-50 (128x128, 64
+    samples, ``prune --target-macs 0.7``) that took the peak RSS from 4.4 GB to 7.0 GB, for the
+    same wall time and bit-identical weights without it."""
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 4 if quiet else _LOG_ERRORS_ONLY
     if threads is not None:
@@ -132,6 +138,7 @@ def make_session(
         # working sessions (calibration, refits) alternate with numpy's BLAS: threads that spin
         # after each run starve it (ResNet-20's prune refit: 39 s of numpy instead of 2 s)
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session_options.enable_cpu_mem_arena = False
     session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     session_options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if optimize == "extended"

@@ -55,6 +55,16 @@ def test_working_sessions_do_not_spin_and_pinned_benchmark_sessions_keep_the_def
         pinned.get_session_config_entry("session.intra_op.allow_spinning")
 
 
+def test_working_sessions_free_their_buffers_and_benchmark_sessions_keep_the_arena():
+    proto = models.build("conv_chain")
+    working = runtime.make_session(proto)
+    assert working.get_session_options().enable_cpu_mem_arena is False
+    pinned = runtime.make_session(proto, threads=1)
+    assert pinned.get_session_options().enable_cpu_mem_arena is True  # latency as deployed
+    feed = models.sample_inputs(proto, seed=3)
+    np.testing.assert_array_equal(working.run(None, feed)[0], pinned.run(None, feed)[0])
+
+
 def _saturation_output(act_type, weight, depthwise, optimize=True):
     return runtime._probe_output(runtime._saturation_probe(act_type, weight, depthwise), optimize=optimize)
 
