@@ -417,10 +417,13 @@ def reconstruct(
     store = cache.original_values(original, data, dynamic_batch, batch_size) if cache is not None and todo else None
     # one stream per layer: its rows do not depend on the other layers, its stage or the cache
     rngs = {name: np.random.default_rng([seed, zlib.crc32(name.encode())]) for name in todo}
+    frontier = _Frontier(pruned, store.max_bytes // 2) if store is not None else None
     for index, stage in enumerate(stages):
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
         references = store.get(names) if store is not None else None
-        changed = _changed_part(original, pruned, names, store) if references is not None else None
+        changed = _changed_part(original, pruned, names, store, frontier) if references is not None else None
+        # this stage's taps inside the changed part, for the frontier
+        computed: Dict[str, List[np.ndarray]] = {name: [] for name in (changed[1] if changed else [])}
         # each stage's sessions compute only what leads to its taps (onnxruntime would run the whole model)
         original_session = None if references is not None else (
             activations.tap_session(original_proto, names, dynamic_batch=dynamic_batch, only=True))
@@ -446,8 +449,9 @@ def reconstruct(
                     if changed is not None:
                         session, inside, feeds = changed
                         current = dict(reference)
+                        current.update(frontier.batch(names, number))
                         if inside:
-                            current.update(zip(inside, runtime.run(session, feeds[number], inside)))
+                            current.update(zip(inside, runtime.run(session, feeds(number), inside)))
                     else:
                         current = dict(zip(names, runtime.run(pruned_session, feed, names)))
                     if sliced is None:
@@ -464,6 +468,11 @@ def reconstruct(
                 continue
             for name in stage:
                 _accumulate(by_name[name], orig_nodes[name], reference, current, rngs[name], positions_per_sample)
+            for name, values in computed.items():
+                values.append(current[name])
+        if frontier is not None and missing is None and references is not None:
+            later = [orig_nodes[n].inputs[0].name for later_stage in stages[index + 1:] for n in later_stage]
+            frontier.add(computed, len(references), later)
         for name in stage:
             if missing is not None:
                 cache.fill(by_name[name], orig_nodes[name])
@@ -473,23 +482,98 @@ def reconstruct(
     return list(consumers)
 
 
-def _changed_part(original: Model, pruned: Model, names: Sequence[str], store: OriginalValues):
-    """(session, taps it computes, its feeds per batch) running only the nodes of ``pruned``
-    that differ from ``original`` and lead to ``names``; the other taps are the original's
-    values. None when no such cut can be made or its feeds do not fit the store."""
+def _changed_part(original: Model, pruned: Model, names: Sequence[str], store: OriginalValues,
+                  frontier: Optional["_Frontier"] = None):
+    """(session, taps it computes, feeds of batch ``i`` as a function of ``i``) running only the
+    nodes of ``pruned`` that differ from ``original`` and lead to ``names``, from the original's
+    values where that part begins and, with ``frontier``, from the pruned copy's own values at
+    earlier stages' taps; the other taps are the original's values or the frontier's. None
+    when no such cut can be made or its feeds do not fit the store."""
     region = regions.changed_region(original, pruned)
     if region is None:
         return None
-    inside = [name for name in names if name in region.tensors]
+    known = frontier.usable(region) if frontier is not None else []
+    inside = [name for name in names if name in region.tensors and name not in known]
     if not inside:
         return None, [], None
-    feeds = store.get(list(region.feeds))
-    if feeds is None:
+    part = region
+    if known:  # start from the known taps: their producers and what leads only to them drop out
+        covered = frontier.covered_nodes()
+        kept = frozenset(n for n in region.names if n not in covered)
+        part = regions.ChangedRegion(kept, len(kept), region.tensors, tuple(region.feeds) + tuple(known), region.outputs)
+    originals = store.get(list(region.feeds))
+    if originals is None:
         return None
+
+    def feeds(number: int) -> Dict[str, np.ndarray]:
+        return {**originals[number], **{name: frontier.values[name][number] for name in known}}
+
     try:
-        return regions.region_session(pruned, region, feeds[0], inside), inside, feeds
+        return regions.region_session(pruned, part, feeds(0), inside), inside, feeds
     except Exception:  # onnxruntime refused the cut: run the whole pruned model instead
         return None
+
+
+class _Frontier:
+    """The pruned copy's values at the taps of stages already refit, on the store's batches.
+
+    A stage's taps are final when it runs: the layers upstream of them belong to earlier stages
+    (:func:`_stages`), and later refits only change what lies downstream. So each stage can
+    start from the taps of the stages before it instead of from the first changed node, and
+    the stage-by-stage refit of a deep model runs its changed part about once, not once per
+    stage. A known tensor is kept while a node that later taps depend on reads it; past
+    ``max_bytes`` the frontier empties and stays unused, and stages start from the first
+    changed node again.
+    """
+
+    def __init__(self, pruned: Model, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.values: Dict[str, List[np.ndarray]] = {}
+        self.inputs: Dict[str, List[str]] = {}
+        self.outputs: Dict[str, List[str]] = {}
+        self.producer: Dict[str, str] = {}
+        for node in pruned.graph.nodes:
+            self.inputs[node.name] = [t.name for t in node.inputs if isinstance(t, gs.Variable) and t.name]
+            self.outputs[node.name] = [t.name for t in node.outputs]
+            for t in node.outputs:
+                self.producer[t.name] = node.name
+        self.disabled = max_bytes <= 0
+
+    def batch(self, names: Sequence[str], number: int) -> Dict[str, np.ndarray]:
+        return {name: self.values[name][number] for name in names if name in self.values}
+
+    def covered_nodes(self) -> set:
+        """Nodes whose outputs are all known: never run again."""
+        return {name for name, outs in self.outputs.items() if outs and all(o in self.values for o in outs)}
+
+    def usable(self, region) -> List[str]:
+        """The known tensors a session can read in place of computing them (those of the
+        changed region whose producer's outputs are all known)."""
+        covered = self.covered_nodes()
+        return [name for name in self.values if name in region.tensors and self.producer.get(name) in covered]
+
+    def add(self, computed: Dict[str, List[np.ndarray]], batches: int, later_taps: Sequence[str]) -> None:
+        """Record a stage's taps, then keep only what ``later_taps`` can still need."""
+        if self.disabled:
+            return
+        for name, values in computed.items():
+            if len(values) == batches:
+                self.values[name] = values
+        read: set = set()
+        seen: set = set()
+        stack = [t for t in later_taps if t not in self.values]
+        while stack:  # the nodes the later taps need, up to known tensors
+            node = self.producer.get(stack.pop())
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for name in self.inputs[node]:
+                (read.add if name in self.values else stack.append)(name)
+        for name in [n for n in self.values if n not in read]:
+            del self.values[name]
+        if sum(v.nbytes for values in self.values.values() for v in values) > self.max_bytes:
+            self.values.clear()
+            self.disabled = True
 
 
 def _is_slice(full: np.ndarray, part: np.ndarray, keep: np.ndarray, axis: int) -> bool:

@@ -274,3 +274,59 @@ def test_original_values_over_budget_are_refused_once_and_the_refit_runs_the_mod
         fits.append({t.name: t.values.copy() for t in pruned.constants()})
     for key in fits[0]:
         np.testing.assert_array_equal(fits[0][key], fits[1][key])
+
+
+@pytest.mark.parametrize("builder, kwargs", [("conv_chain", {"channels": (8, 16, 16, 16, 16, 8)}),
+                                             ("resnet_basic_block", {})])
+def test_each_stage_starts_from_the_taps_of_the_stages_before_it(builder, kwargs, monkeypatch):
+    """Refitting every group's consumers takes one stage per depth; with the frontier each
+    stage's session starts where the previous stage's taps are, so the stages together run
+    fewer nodes than when each starts from the first changed node, for the same refit."""
+    from onnxslim_cv import reconstruct as reconstruct_module
+    from onnxslim_cv import sensitivity
+    from onnxslim_cv.reconstruct import SliceCache
+    from onnxslim_cv.testing import models as test_models
+
+    proto = test_models.build(builder, **kwargs)
+    model, dg, *_ = sensitivity.group_setup(Model.from_proto(proto))
+    data = from_iterable([test_models.sample_inputs(proto, seed=i) for i in range(24)], model.input_specs())
+    removed = [unit for group in dg.prunable_groups for unit in list(group.units)[: len(group.units) // 2]]
+    nodes_run = []
+    real_make = runtime.make_session
+    monkeypatch.setattr(reconstruct_module.regions.runtime, "make_session",
+                        lambda proto, **k: nodes_run.append(len(proto.graph.node)) or real_make(proto, **k))
+    real_add = reconstruct_module._Frontier.add
+    fits, totals, sessions = [], [], []
+    for frontier in (True, False):
+        if not frontier:
+            monkeypatch.setattr(reconstruct_module._Frontier, "add", lambda self, *a: None)
+        nodes_run.clear()
+        pruned = prune_pass.pruned_copy(model, dg, removed, "lsq", data, {}, cache=SliceCache(max_bytes=0))
+        fits.append({t.name: np.asarray(t.values) for t in pruned.constants()})
+        totals.append(sum(nodes_run))
+        sessions.append(len(nodes_run))
+    monkeypatch.setattr(reconstruct_module._Frontier, "add", real_add)
+    assert sessions[0] == sessions[1] >= 3  # one cut session per stage past the first
+    assert totals[0] < totals[1]
+    assert fits[0].keys() == fits[1].keys()
+    for name in fits[0]:
+        np.testing.assert_allclose(fits[0][name], fits[1][name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_the_frontier_keeps_only_what_later_taps_read_and_empties_past_its_budget():
+    from onnxslim_cv.reconstruct import _Frontier
+    from onnxslim_cv.testing import models as test_models
+
+    model = Model.from_proto(test_models.build("conv_chain", channels=(8, 8, 8)))
+    relus = [n.outputs[0].name for n in model.graph.nodes if n.op == "Relu"]
+    frontier = _Frontier(model, max_bytes=1 << 20)
+    value = [np.ones((2, 8, 16, 16), np.float32)]
+    frontier.add({relus[0]: value}, 1, later_taps=[relus[1]])
+    assert list(frontier.values) == [relus[0]]
+    frontier.add({relus[1]: value}, 1, later_taps=[])  # nothing reads them any more
+    assert frontier.values == {}
+    small = _Frontier(model, max_bytes=value[0].nbytes - 1)
+    small.add({relus[0]: value}, 1, later_taps=[relus[1]])
+    assert small.values == {} and small.disabled
+    small.add({relus[0]: value}, 1, later_taps=[relus[1]])
+    assert small.values == {}
