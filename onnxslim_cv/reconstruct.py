@@ -417,6 +417,7 @@ def reconstruct(
     store = cache.original_values(original, data, dynamic_batch, batch_size) if cache is not None and todo else None
     # one stream per layer: its rows do not depend on the other layers, its stage or the cache
     rngs = {name: np.random.default_rng([seed, zlib.crc32(name.encode())]) for name in todo}
+    # the pruned copy's values at reached taps, up to half the store's budget (512 MB by default)
     frontier = _Frontier(pruned, store.max_bytes // 2) if store is not None else None
     for index, stage in enumerate(stages):
         names = sorted({orig_nodes[n].inputs[0].name for n in stage})
