@@ -493,13 +493,13 @@ def _changed_part(original: Model, pruned: Model, names: Sequence[str], store: O
     region = regions.changed_region(original, pruned)
     if region is None:
         return None
-    known = frontier.usable(region) if frontier is not None else []
+    covered = frontier.covered_nodes() if frontier is not None else set()
+    known = frontier.usable(region, covered) if frontier is not None else []
     inside = [name for name in names if name in region.tensors and name not in known]
     if not inside:
         return None, [], None
     part = region
     if known:  # start from the known taps: their producers and what leads only to them drop out
-        covered = frontier.covered_nodes()
         kept = frozenset(n for n in region.names if n not in covered)
         part = regions.ChangedRegion(kept, len(kept), region.tensors, tuple(region.feeds) + tuple(known), region.outputs)
     originals = store.get(list(region.feeds))
@@ -547,10 +547,9 @@ class _Frontier:
         """Nodes whose outputs are all known: never run again."""
         return {name for name, outs in self.outputs.items() if outs and all(o in self.values for o in outs)}
 
-    def usable(self, region) -> List[str]:
+    def usable(self, region, covered: set) -> List[str]:
         """The known tensors a session can read in place of computing them (those of the
-        changed region whose producer's outputs are all known)."""
-        covered = self.covered_nodes()
+        changed region whose producer is among the ``covered`` nodes)."""
         return [name for name in self.values if name in region.tensors and self.producer.get(name) in covered]
 
     def add(self, computed: Dict[str, List[np.ndarray]], batches: int, later_taps: Sequence[str]) -> None:
