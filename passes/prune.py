@@ -151,7 +151,10 @@ class PrunePass(Pass):
         if recipe:
             self._load_recipe(recipe)
         if self.config["ratio"] is None and self.config["target_macs"] is None:
-            raise UserError("prune: give --prune-ratio R or --prune-target-macs F (or either in --prune-recipe)")
+            raise UserError("prune needs a budget: give --prune-target-macs F (keep F of the MACs, e.g. 0.7; with --calib "
+                            "the pass shares it among channel groups by measured loss) or --prune-ratio R (remove R of "
+                            "every group's channels), or either in --prune-recipe; 'onnxslim-cv analyze MODEL --calib DATA "
+                            "--groups --target-macs F' shows what each group costs first")
         if self.config["ratio"] is not None and self.config["target_macs"] is not None:
             raise UserError("prune: --prune-ratio and --prune-target-macs are alternatives; give one")
         allocation = self.config["allocation"]

@@ -207,7 +207,7 @@ def test_nothing_prunable_leaves_the_model_unchanged():
         ({"ratio": 1.0}, "ratio must be in"),
         ({"ratio": -0.1}, "ratio must be in"),
         ({"target_macs": 0.0}, "target MACs must be in"),
-        ({}, "give --prune-ratio"),
+        ({}, "needs a budget: give --prune-target-macs F"),
         ({"ratio": 0.2, "target_macs": 0.5}, "alternatives"),
         ({"ratio": 0.2, "exclude": "("}, "regular expression"),
         ({"ratio": 0.2, "recovery": "lsq"}, "needs calibration"),
