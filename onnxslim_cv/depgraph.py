@@ -169,6 +169,89 @@ def _input(node: gs.Node, index: int) -> Optional[gs.Tensor]:
     return None
 
 
+_SELECTION_OPS = frozenset("Reshape Transpose Gather Squeeze Unsqueeze Slice Split Identity Flatten".split())
+_SELECTION_MAX_NODES = 16
+_SELECTION_PROBE_LIMIT = 1 << 24  # elements of the probe tensor (int64): 128 MB at most
+
+
+def _run_layout_op(node: gs.Node, x: np.ndarray) -> List[np.ndarray]:
+    """``node``'s outputs on ``x`` for the layout ops a channel selection may contain."""
+    op, attrs = node.op, node.attrs
+    consts = [None if not t.name and not isinstance(t, gs.Constant) else _const(t) for t in node.inputs[1:]]
+
+    def given(index):
+        return consts[index - 1] if index - 1 < len(consts) else None
+
+    if op == "Identity":
+        return [x]
+    if op == "Reshape":
+        target = [int(v) for v in given(1)]
+        if not attrs.get("allowzero", 0):
+            target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+        return [x.reshape(target)]
+    if op == "Transpose":
+        perm = attrs.get("perm")
+        return [np.transpose(x, perm)]
+    if op == "Gather":
+        return [np.take(x, given(1).astype(np.int64), axis=int(attrs.get("axis", 0)))]
+    if op == "Flatten":
+        axis = int(attrs.get("axis", 1)) % (x.ndim + 1)
+        return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attrs.get("axes")
+        if axes is None and given(1) is not None:
+            axes = given(1).tolist()
+        if op == "Squeeze":
+            axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [int(a) % x.ndim for a in axes]
+            return [np.squeeze(x, axis=tuple(axes))]
+        rank = x.ndim + len(axes)
+        return [np.expand_dims(x, tuple(sorted(int(a) % rank for a in axes)))]
+    if op == "Slice":
+        starts, ends = given(1).tolist(), given(2).tolist()
+        axes = given(3).tolist() if given(3) is not None else list(range(len(starts)))
+        steps = given(4).tolist() if given(4) is not None else [1] * len(starts)
+        index = [slice(None)] * x.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            index[int(axis) % x.ndim] = slice(*slice(int(start), int(end), int(step)).indices(x.shape[int(axis) % x.ndim]))
+        return [x[tuple(index)]]
+    if op == "Split":
+        axis = int(attrs.get("axis", 0)) % x.ndim
+        sizes = attrs.get("split")
+        if sizes is None and given(1) is not None:
+            sizes = given(1).tolist()
+        if sizes is None:
+            count = len(node.outputs)
+            chunk = -(-x.shape[axis] // count)
+            sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(count)]
+        return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+    raise ValueError(op)
+
+
+def _interleaved_rows(picked: np.ndarray) -> Optional[np.ndarray]:
+    """``picked`` as rows of G consecutive positions holding channels ``i, i + C/G, ...``
+    (the ``[N, G, C/G]`` transpose of a channel shuffle), for the smallest such G; else None."""
+    length = len(picked)
+    for groups in range(2, length // 2 + 1):
+        if length % groups:
+            continue
+        rows = picked.reshape(-1, groups)
+        if np.array_equal(rows - rows[:, :1], np.broadcast_to(np.arange(groups) * (length // groups), rows.shape)):
+            return rows
+    return None
+
+
+def _selected_planes(probe: np.ndarray, value: np.ndarray, axis: int) -> Optional[np.ndarray]:
+    """The probe channels ``value`` consists of (whole planes, in order), or None."""
+    if value.ndim != probe.ndim or value.shape[axis] == 0:
+        return None
+    if any(value.shape[i] != probe.shape[i] for i in range(probe.ndim) if i != axis):
+        return None
+    planes = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+    source = np.moveaxis(probe, axis, 0).reshape(probe.shape[axis], -1)
+    picked = np.unravel_index(planes[:, 0], probe.shape)[axis].astype(np.int64)
+    return picked if np.array_equal(planes, source[picked]) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The graph
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +316,11 @@ class DependencyGraph:
         ids = np.unique(np.asarray(ids, np.int64))
         for x in ids[1:]:
             self.union(ids[0], x)
+
+    def unify_all_columns(self, rows: np.ndarray) -> None:
+        """Merge the ids of each column of ``rows`` (a 2-D array)."""
+        for column in np.asarray(rows, np.int64).T:
+            self.unify_all(column)
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         if self._roots is None or len(self._roots) != len(self._parent):
@@ -893,14 +981,18 @@ class _Builder:
         # the last output axis whose leading dims match (size-1 dims add candidates)
         b = next((i for i in reversed(range(len(out_dims))) if _product(out_dims[:i]) == outer), None)
         if b is None:
-            self.freeze_inputs(node, "reshape splits the channel axis (e.g. a channel shuffle)")
+            if not self.channel_selection(node):
+                self.freeze_inputs(node, "reshape splits the channel axis and no channel selection follows")
             return
         size = out_dims[b]
         inner_out = _product(out_dims[b + 1 :])
         if not isinstance(size, int) or inner_out[1] or size * inner_out[0] != length * inner[0]:
-            self.freeze_inputs(node, "reshape splits the channel axis (e.g. a channel shuffle)")
+            if not self.channel_selection(node):
+                self.freeze_inputs(node, "reshape splits the channel axis and no channel selection follows")
             return
         inner_in, inner_o = inner[0], inner_out[0]
+        if inner_o % inner_in == 0 and inner_o != inner_in and self.channel_selection(node):
+            return  # e.g. ShuffleNet V2's shuffle-and-split, which merges channel pairs first
         if inner_in % inner_o == 0:
             ids = np.repeat(layout.ids, inner_in // inner_o)
         elif inner_o % inner_in == 0:
@@ -922,6 +1014,81 @@ class _Builder:
             self.freeze_inputs(node, "target copies a different input dim")
             return
         self.set(node.outputs[0], b, ids)
+
+    def channel_selection(self, node: gs.Node) -> bool:
+        """Track a chain of layout ops from ``node`` that only selects and reorders channels.
+
+        Channel shuffles reshape the channel axis apart, transpose and reshape it back
+        (ShuffleNet: ``[N, G, C/G, H, W]``), or, as ShuffleNet V2 and its detectors export it,
+        merge channel pairs into rows and gather the halves (``[N*C/2, 2, H*W]`` -> transpose
+        -> ``[2, N, C/2, H, W]`` -> Gather 0 / 1: the even and the odd channels). Rather than a
+        rule per export, the chain is run on a probe (every element numbered) until each path
+        ends in a tensor shaped like the input except on the channel axis, whose channel
+        planes are whole input planes: those tensors get the selected channels' ids, and a
+        ``select`` fix-up replaces the chain by one channel Gather per end when channels go.
+        False (nothing recorded) when the chain leaves the layout ops, reaches a graph output
+        or mixes elements within planes.
+        """
+        source = node.inputs[0]
+        layout = self.lay(source)
+        dims = _dims(source)
+        if layout is None or dims is None:
+            return False
+        probe_dims = [d if isinstance(d, int) else (1 if i == 0 else None) for i, d in enumerate(dims)]
+        if any(d is None for d in probe_dims) or int(np.prod(probe_dims)) > _SELECTION_PROBE_LIMIT:
+            return False
+        probe = np.arange(int(np.prod(probe_dims)), dtype=np.int64).reshape(probe_dims)
+        outputs = {t.name for t in self.graph.outputs}
+        values: Dict[str, np.ndarray] = {source.name: probe}
+        ends: List[Tuple[gs.Tensor, np.ndarray]] = []
+        chain: List[gs.Node] = []
+        queue = [node]
+        while queue:
+            current = queue.pop(0)
+            if any(current is n for n in chain):
+                continue
+            if current.op not in _SELECTION_OPS or len(chain) >= _SELECTION_MAX_NODES:
+                return False
+            data = current.inputs[0] if current.inputs else None
+            if data is None or data.name not in values or any(
+                not isinstance(t, gs.Constant) for t in current.inputs[1:] if t.name
+            ):
+                return False
+            try:
+                results = _run_layout_op(current, values[data.name])
+            except Exception:  # an op form the probe does not evaluate: not a selection
+                return False
+            chain.append(current)
+            for tensor, value in zip(current.outputs, results):
+                if not tensor.name or tensor.name in outputs:
+                    return False
+                picked = _selected_planes(probe, value, layout.axis)
+                if picked is not None:
+                    ends.append((tensor, picked))
+                    continue
+                values[tensor.name] = value
+                if not tensor.outputs:
+                    return False
+                queue.extend(tensor.outputs)
+        if not ends:
+            return False
+        lengths = {len(picked) for _, picked in ends}
+        together = np.concatenate([picked for _, picked in ends])
+        covers = np.array_equal(np.sort(together), np.arange(len(layout.ids)))
+        if len(ends) > 1 and len(lengths) == 1 and covers:
+            # a shuffle-and-split into equal parts (ShuffleNet V2): position j of every part goes
+            # together, so the parts stay equal and the kept channels keep their interleaving
+            self.dg.unify_all_columns(np.stack([layout.ids[picked] for _, picked in ends]))
+        elif len(ends) == 1 and covers:
+            rows = _interleaved_rows(ends[0][1])
+            if rows is not None:  # a ShuffleNet shuffle: the channels it places side by side go together
+                self.dg.unify_all_columns(layout.ids[rows].T)
+        for tensor, picked in ends:
+            self.set(tensor, layout.axis, layout.ids[picked])
+        self.dg.note(layout.ids, f"{node.op} {node.name}: channel selection of {len(chain)} layout ops, "
+                                 f"rewritten as channel Gathers when pruned")
+        self.fixup("select", node, ids=layout.ids, source=source, axis=layout.axis, ends=ends)
+        return True
 
     def op_Concat(self, node: gs.Node) -> None:
         out_dims = _dims(node.outputs[0])
@@ -1286,6 +1453,21 @@ def _apply_fixup(dg: DependencyGraph, fixup: Fixup, removed: np.ndarray) -> bool
         shape = list(data.get("shape", picked.shape))
         shape[data.get("slot", 0)] = len(picked)
         replace_constant_values(graph, node, 1, new_index[picked].astype(dtype).reshape(shape))
+        return True
+    if fixup.kind == "select":
+        # the chain of layout ops gives way to one channel Gather per end (new indices after the cut)
+        new_index = np.cumsum(keep) - 1
+        taken = {n.name for n in graph.nodes}
+        for number, (tensor, picked) in enumerate(data["ends"]):
+            kept = picked[keep[picked]]
+            name = f"{node.name}_select{number}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            indices = new_constant(graph, f"{name}_indices", new_index[kept].astype(np.int64))
+            tensor.inputs.clear()
+            graph.nodes.append(gs.Node("Gather", name=name, attrs={"axis": data["axis"]},
+                                       inputs=[data["source"], indices], outputs=[tensor]))
         return True
     if fixup.kind == "resize_sizes":
         sizes = np.array(node.inputs[3].values, copy=True)

@@ -84,6 +84,24 @@ def graph_model(graph: onnx.GraphProto, opset: int = 13) -> onnx.ModelProto:
     return model
 
 
+def unprunable_model() -> onnx.ModelProto:
+    """Conv 3->8 -> Softmax over the channels -> 1x1 conv 8->4 (the graph output): every channel
+    group is frozen, the first by the Softmax, the second as a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (4, 8, 1, 1)), ("b2", (4,)))]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Softmax", ["conv1"], ["softmax1"], name="softmax1", axis=1),
+        helper.make_node("Conv", ["softmax1", "w2", "b2"], ["output"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "unprunable", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    return graph_model(graph)
+
+
 def run_model(model, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
     source = model if isinstance(model, (str, Path)) else model
     session = runtime.make_session(str(source) if isinstance(source, Path) else source)

@@ -12,7 +12,7 @@ from onnxslim_cv.pipeline import PassReport
 from onnxslim_cv.report import MAX_GROUP_ROWS, format_passes, reason_kind, short_names
 from onnxslim_cv.testing import models
 
-from .conftest import assert_one_line_error, sha256
+from .conftest import assert_one_line_error, sha256, unprunable_model
 
 
 # ---------------------------------------------------------------------- inspect --groups
@@ -32,15 +32,17 @@ def test_inspect_groups_lists_groups_after_the_normal_output(cli, model_file):
 
 
 def test_inspect_groups_shows_frozen_reasons(cli, model_file):
-    path = model_file("channel_shuffle")
+    path = model_file("squeezenet_fire")
     before = sha256(path)
     result = cli("inspect", path, "--groups", "--no-layers")
     assert result.code == 0, result.err
     assert "MACs %" not in result.out
-    assert "frozen: Reshape reshape2" in result.out
-    assert "frozen: graph output output" in result.out
-    assert "0/2 groups prunable, 0/32 conv channels in prunable groups" in result.out
+    assert "frozen: Softmax softmax1: normalises over the channels" in result.out
+    assert "7/8 groups prunable, 66/76 conv channels in prunable groups" in result.out
     assert sha256(path) == before
+    result = cli("inspect", model_file("channel_shuffle"), "--groups", "--no-layers")
+    assert "frozen: graph output output" in result.out
+    assert "1/2 groups prunable, 16/32 conv channels in prunable groups" in result.out
 
 
 def test_inspect_without_groups_has_no_group_section(cli, model_file):
@@ -75,9 +77,9 @@ def test_inspect_groups_json_matches_the_dependency_graph(cli, model_file, name)
 
 
 def test_inspect_groups_json_frozen_reasons(cli, model_file):
-    data = json.loads(cli("inspect", model_file("channel_shuffle"), "--groups", "--json").out)
+    data = json.loads(cli("inspect", model_file(unprunable_model()), "--groups", "--json").out)
     reasons = [r for g in data["groups"] for r in g["frozen"]]
-    assert any(r.startswith("Reshape ") for r in reasons)
+    assert any(r.startswith("Softmax softmax1") for r in reasons)
     assert any(r.startswith("graph output") for r in reasons)
     assert data["dependency_graph"]["prunable_groups"] == 0
 
@@ -146,11 +148,11 @@ def test_prune_report_shows_changed_groups(cli, model_file, tmp_path):
 
 
 def test_prune_report_on_a_model_with_nothing_prunable(cli, model_file, tmp_path):
-    result, _ = _prune(cli, model_file, tmp_path, "channel_shuffle")
+    result, _ = _prune(cli, model_file, tmp_path, unprunable_model())
     assert result.code == 0, result.err
     assert "channel group(s) changed" not in result.out
     assert "prune: 2/2 channel groups frozen:" in result.out
-    assert "Reshape: reshape splits the channel axis" in result.out and "graph output (1)" in result.out
+    assert "Softmax: normalises over the channels (1)" in result.out and "graph output (1)" in result.out
 
 
 def test_prune_report_squeezenet(cli, model_file, tmp_path):

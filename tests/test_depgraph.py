@@ -81,10 +81,7 @@ def _assert_exact_removal(proto: onnx.ModelProto, feed, fraction=0.3, seed=0):
     return model, dg, removed, macs_predicted
 
 
-FULLY_FROZEN = ("channel_shuffle",)  # covered by the freezing test below
-
-
-@pytest.mark.parametrize("name", [n for n in test_models.BUILDERS if n not in ("resnet50",) + FULLY_FROZEN])
+@pytest.mark.parametrize("name", [n for n in test_models.BUILDERS if n != "resnet50"])
 def test_removing_zeroed_channels_leaves_outputs_unchanged(name):
     proto = test_models.build(name, batch="N")
     feed = test_models.sample_inputs(proto, batch=2)
@@ -160,12 +157,41 @@ def test_grouped_conv_transpose_loses_whole_groups_exactly(groups):
     assert predicted == model_stats(pruned, refresh_shapes=True).macs
 
 
-def test_channel_shuffle_and_reduction_over_channels_freeze_with_a_reason():
-    dg = build_dependency_graph(_folded(test_models.build("channel_shuffle")))
-    reasons = [r for g in dg.groups for r in g.frozen]
-    assert any("Reshape" in r for r in reasons)
+def test_reduction_over_channels_freezes_with_a_reason():
     dg = build_dependency_graph(_folded(test_models.build("squeezenet_fire")))
     assert any("Softmax" in r for g in dg.groups for r in g.frozen)
+
+
+@pytest.mark.parametrize("name", ["channel_shuffle", "shufflenet_v2"])
+def test_channel_shuffles_are_tracked_as_channel_selections(name):
+    model = _folded(test_models.build(name))
+    dg = build_dependency_graph(model)
+    conv_outputs = {n.outputs[0].name for n in model.graph.nodes if n.op == "Conv" and n.outputs[0].name != "output"}
+    frozen = [g for g in dg.groups if g.frozen and set(g.tensors) & conv_outputs]
+    assert frozen == []
+    assert any("channel selection" in note for g in dg.groups for note in g.notes)
+    # each shuffle output holds whole input channels: the Gather the pruner writes is exact
+    if name == "channel_shuffle":
+        (group,) = dg.prunable_groups
+        shuffled = next(n for n in model.graph.nodes if n.op == "Reshape" and n.outputs[0].shape[1] == 16).outputs[0]
+        source = dg.layouts[group.tensors[0]].ids
+        order = [int(np.flatnonzero(source == unit)[0]) for unit in dg.layouts[shuffled.name].ids]
+        assert order == [8 * k + j for j in range(8) for k in range(2)]  # position 2j + k holds channel 8k + j
+
+
+def test_a_pruned_shuffle_becomes_channel_gathers_and_an_untouched_one_stays():
+    model = _folded(test_models.build("shufflenet_v2"))
+    dg = build_dependency_graph(model)
+    # only the first branch's inner channels (conv3 -> depthwise conv4 -> conv5): no shuffle changes
+    (inner,) = [g for g in dg.prunable_groups if g.sources == ["conv3", "conv4"]]
+    prune_channels(model, dg, inner.units[:4])
+    assert [n.op for n in model.graph.nodes].count("Transpose") == 2
+    model = _folded(test_models.build("shufflenet_v2"))
+    dg = build_dependency_graph(model)
+    prune_channels(model, dg, _pick_removal(dg, 0.5, seed=3))
+    ops = [n.op for n in model.graph.nodes]
+    assert "Transpose" not in ops and ops.count("Gather") == 4
+    onnx.checker.check_model(model.to_proto())
 
 
 def _runtime_bias_model() -> onnx.ModelProto:

@@ -17,7 +17,7 @@ from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.stats import model_stats
 from onnxslim_cv.testing import models as test_models
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, unprunable_model
 
 
 def _calibration(proto, count=32, seed=1):
@@ -191,7 +191,7 @@ def test_grouped_conv_transpose_prunes_whole_groups_and_refits_its_consumer():
 
 
 def test_nothing_prunable_leaves_the_model_unchanged():
-    proto = test_models.build("channel_shuffle")
+    proto = unprunable_model()
     model = Model.from_proto(proto)
     passes = make_passes(["prune"], {"prune": {"ratio": 0.5}})
     out, reports = run_passes(model, passes, context=PassContext(progress=False))

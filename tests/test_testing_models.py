@@ -62,6 +62,9 @@ EXPECTED_OPS: Dict[str, Dict[str, int]] = {
     "split_concat": {"Conv": 4, "BatchNormalization": 3, "Relu": 3, "Split": 1, "Concat": 1, "Slice": 1},
     "depth_to_space": {"Conv": 3, "BatchNormalization": 2, "Relu": 2, "DepthToSpace": 1, "SpaceToDepth": 1},
     "channel_shuffle": {"Conv": 2, "BatchNormalization": 1, "Relu": 1, "Reshape": 2, "Transpose": 1},
+    "shufflenet_v2": {
+        "Conv": 9, "BatchNormalization": 8, "Relu": 6, "Concat": 3, "Reshape": 4, "Transpose": 2, "Gather": 4,
+    },
     "se_gemm": {
         "Conv": 2, "BatchNormalization": 1, "Relu": 2, "GlobalAveragePool": 1, "Flatten": 1,
         "Gemm": 2, "Sigmoid": 1, "Reshape": 1, "Mul": 1,
@@ -486,6 +489,16 @@ def test_channel_shuffle_interleaves_the_groups():
     # output channel i * groups + g is input channel g * (C / groups) + i
     order = [g * 8 + i for i in range(8) for g in range(2)]
     np.testing.assert_array_equal(after, before[:, order])
+
+
+def test_shufflenet_v2_passes_the_even_channels_on_and_feeds_the_odd_ones_to_the_branch():
+    model = M.shufflenet_v2(batch="N")
+    concat = nodes_of(model, "Concat")[0]
+    gathers = nodes_of(model, "Gather")[:2]
+    activations = run(with_all_intermediates_as_outputs(model), M.sample_inputs(model, batch=3))
+    before = activations[concat.output[0]]
+    np.testing.assert_array_equal(activations[gathers[0].output[0]], before[:, 0::2])
+    np.testing.assert_array_equal(activations[gathers[1].output[0]], before[:, 1::2])
 
 
 def test_se_gemm_gates_the_conv_output_with_gemm_layers():

@@ -80,6 +80,7 @@ __all__ = [
     "resnet_bottleneck_block",
     "sample_inputs",
     "se_gemm",
+    "shufflenet_v2",
     "split_concat",
     "squeezenet_fire",
     "unet_like",
@@ -125,6 +126,14 @@ class _GraphBuilder:
             raise ValueError(f"duplicate tensor name {name!r}")
         self._used_names.add(name)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def scalar(self, name: str, value: int) -> str:
+        """A 0-d int64 initializer (:meth:`initializer` would store a 1-element vector)."""
+        if name in self._used_names:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        self._used_names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
         return name
 
     def node(
@@ -938,6 +947,42 @@ def channel_shuffle(
     return g.finish(image_size, ["output"])
 
 
+def shufflenet_v2(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 16,
+    units: int = 2,
+) -> onnx.ModelProto:
+    """ShuffleNet V2 stride-1 units as the official code (and FastestDet) export them.
+
+    Two conv-bn-relu 3->C/2 branches concatenated (a downsampling unit's output, C channels),
+    then ``units`` times: Reshape ``[-1, 2, H*W]`` (channel pairs become rows) -> Transpose
+    ``[1, 0, 2]`` -> Reshape ``[2, -1, C/2, H, W]`` -> Gather 0 (the even channels, passed on)
+    and Gather 1 (the odd ones, into the branch: 1x1 conv-bn-relu, depthwise 3x3 conv-bn,
+    1x1 conv-bn-relu) -> Concat; a 1x1 conv C->8 -> ``output``. Each channel's path through
+    the shuffles depends on its index bits, so the groups are small and interleaved.
+    """
+    if channels % 4:
+        raise ValueError(f"shufflenet_v2: channels must be a multiple of 4, got {channels}")
+    g = _GraphBuilder("shufflenet_v2", opset=opset, seed=seed, batch=batch)
+    half = channels // 2
+    x = g.concat([g.conv_bn_act("input", IN_CHANNELS, half, 3), g.conv_bn_act("input", IN_CHANNELS, half, 3)], axis=1)
+    for _ in range(units):
+        rows = g.reshape(x, [-1, 2, image_size * image_size])
+        rows = g.transpose(rows, [1, 0, 2])
+        pairs = g.reshape(rows, [2, -1, half, image_size, image_size])
+        kept, branch = (g.node("Gather", [pairs, g.scalar(g.fresh("shuffle.index"), i)], g.fresh("gather"), axis=0) for i in (0, 1))
+        y = g.conv_bn_act(branch, half, half, 1)
+        y = g.conv_bn_act(y, half, half, 3, group=half, act=None)
+        y = g.conv_bn_act(y, half, half, 1)
+        x = g.concat([kept, y], axis=1)
+    g.conv(x, channels, 8, 1, pad=0, output="output")
+    return g.finish(image_size, ["output"])
+
+
 def se_gemm(
     *,
     opset: int = 13,
@@ -1110,6 +1155,7 @@ BUILDERS: Dict[str, Callable[..., onnx.ModelProto]] = {
     "split_concat": split_concat,
     "depth_to_space": depth_to_space,
     "channel_shuffle": channel_shuffle,
+    "shufflenet_v2": shufflenet_v2,
     "se_gemm": se_gemm,
     "norm_zoo": norm_zoo,
     "group_norm": group_norm,
