@@ -1175,7 +1175,8 @@ class _Builder:
         i = axes.index(layout.axis)
         length = len(layout.ids)
         if steps[i] != 1:
-            self.freeze_inputs(node, "strided slice of the channel axis")
+            if not self.channel_selection(node):
+                self.freeze_inputs(node, "strided slice of the channel axis")
             return
         start, stop, _ = slice(int(starts[i]), int(ends[i])).indices(length)
         if stop <= start:
@@ -1197,7 +1198,8 @@ class _Builder:
             # Gather of an [1, C, 1, 1] index tensor): the channels land on that dim
             wide = [d for d, size in enumerate(indices.shape) if size != 1]
             if indices.ndim == 0 or (indices.ndim > 1 and (len(wide) != 1 or indices.size < 2)):
-                self.freeze_inputs(node, "gathers single channels")
+                if not self.channel_selection(node):
+                    self.freeze_inputs(node, "gathers single channels")
                 return
             slot = wide[0] if indices.ndim > 1 else 0
             picked = indices.reshape(-1).astype(np.int64) % len(layout.ids)

@@ -179,6 +179,39 @@ def test_channel_shuffles_are_tracked_as_channel_selections(name):
         assert order == [8 * k + j for j in range(8) for k in range(2)]  # position 2j + k holds channel 8k + j
 
 
+def _strided_halves_model() -> onnx.ModelProto:
+    """Conv 3->8 -> Relu -> even channels (Slice step 2) and odd channels (Gather [1, 3, 5, 7])
+    -> a 1x1 conv each -> Add -> ``output``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("wa", (4, 4, 1, 1)), ("wb", (4, 4, 1, 1)))]
+    inits += [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for n, v in
+              (("starts", [0]), ("ends", [8]), ("axes", [1]), ("steps", [2]), ("odd", [1, 3, 5, 7]))]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Slice", ["r1", "starts", "ends", "axes", "steps"], ["even"], name="even"),
+        helper.make_node("Gather", ["r1", "odd"], ["odd_ch"], name="odd_gather", axis=1),
+        helper.make_node("Conv", ["even", "wa"], ["ca"], name="conva"),
+        helper.make_node("Conv", ["odd_ch", "wb"], ["cb"], name="convb"),
+        helper.make_node("Add", ["ca", "cb"], ["output"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "halves", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    return graph_model(graph)
+
+
+def test_a_strided_channel_slice_is_a_channel_selection():
+    proto = _strided_halves_model()
+    dg = build_dependency_graph(_folded(proto))
+    # the even and the odd channels reach different convs: two groups, each free to lose any channel
+    groups = [g for g in dg.groups if g.sources == ["conv1"]]
+    assert [(g.prunable, len(g.units)) for g in groups] == [(True, 4), (True, 4)]
+    _assert_exact_removal(proto, test_models.sample_inputs(proto, batch=2), fraction=0.5)
+
+
 def test_a_pruned_shuffle_becomes_channel_gathers_and_an_untouched_one_stays():
     model = _folded(test_models.build("shufflenet_v2"))
     dg = build_dependency_graph(model)
