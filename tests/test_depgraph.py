@@ -212,6 +212,33 @@ def test_a_strided_channel_slice_is_a_channel_selection():
     _assert_exact_removal(proto, test_models.sample_inputs(proto, batch=2), fraction=0.5)
 
 
+def test_a_single_channel_gather_is_a_channel_selection():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (2, 1, 1, 1)), ("w3", (2, 4, 1, 1)))]
+    inits += [numpy_helper.from_array(np.array(2, dtype=np.int64), "pick"), numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Gather", ["c1", "pick"], ["one"], name="pick_one", axis=1),  # [N, H, W]
+        helper.make_node("Unsqueeze", ["one", "axes"], ["one4"], name="unsqueeze"),  # [N, 1, H, W]
+        helper.make_node("Conv", ["one4", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Conv", ["c1", "w3"], ["c3"], name="conv3"),
+        helper.make_node("Add", ["c2", "c3"], ["output"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "pick", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, 8, 8])], inits)
+    proto = graph_model(graph)
+    dg = build_dependency_graph(_folded(proto))
+    assert not any("single channels" in r for g in dg.groups for r in g.frozen)
+    assert any("channel selection" in note for g in dg.groups for note in g.notes)
+    # channel 2 reaches conv2 as well, so it is a group of its own; the other three may go
+    (rest,) = [g for g in dg.groups if g.sources == ["conv1"] and len(g.units) == 3]
+    assert rest.prunable
+    _assert_exact_removal(proto, test_models.sample_inputs(proto, batch=2), fraction=0.5)
+
+
 def test_a_pruned_shuffle_becomes_channel_gathers_and_an_untouched_one_stays():
     model = _folded(test_models.build("shufflenet_v2"))
     dg = build_dependency_graph(model)
