@@ -980,13 +980,9 @@ class _Builder:
         length = len(layout.ids)
         # the last output axis whose leading dims match (size-1 dims add candidates)
         b = next((i for i in reversed(range(len(out_dims))) if _product(out_dims[:i]) == outer), None)
-        if b is None:
-            if not self.channel_selection(node):
-                self.freeze_inputs(node, "reshape splits the channel axis and no channel selection follows")
-            return
-        size = out_dims[b]
-        inner_out = _product(out_dims[b + 1 :])
-        if not isinstance(size, int) or inner_out[1] or size * inner_out[0] != length * inner[0]:
+        size = out_dims[b] if b is not None else None
+        inner_out = _product(out_dims[b + 1 :]) if b is not None else (0, 0)
+        if b is None or not isinstance(size, int) or inner_out[1] or size * inner_out[0] != length * inner[0]:
             if not self.channel_selection(node):
                 self.freeze_inputs(node, "reshape splits the channel axis and no channel selection follows")
             return
@@ -1459,17 +1455,14 @@ def _apply_fixup(dg: DependencyGraph, fixup: Fixup, removed: np.ndarray) -> bool
     if fixup.kind == "select":
         # the chain of layout ops gives way to one channel Gather per end (new indices after the cut)
         new_index = np.cumsum(keep) - 1
-        taken = {n.name for n in graph.nodes}
         for number, (tensor, picked) in enumerate(data["ends"]):
             kept = picked[keep[picked]]
             name = f"{node.name}_select{number}"
-            while name in taken:
-                name += "_"
-            taken.add(name)
             indices = new_constant(graph, f"{name}_indices", new_index[kept].astype(np.int64))
             tensor.inputs.clear()
             graph.nodes.append(gs.Node("Gather", name=name, attrs={"axis": data["axis"]},
                                        inputs=[data["source"], indices], outputs=[tensor]))
+        name_nodes(graph)  # a clash renames the new Gather (appended last), never an existing node
         return True
     if fixup.kind == "resize_sizes":
         sizes = np.array(node.inputs[3].values, copy=True)

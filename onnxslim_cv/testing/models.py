@@ -122,18 +122,17 @@ class _GraphBuilder:
         return f"{prefix}{count}"
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        if name in self._used_names:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        self._used_names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
+        return self._add_initializer(name, np.ascontiguousarray(array))
 
     def scalar(self, name: str, value: int) -> str:
         """A 0-d int64 initializer (:meth:`initializer` would store a 1-element vector)."""
+        return self._add_initializer(name, np.array(value, dtype=np.int64))
+
+    def _add_initializer(self, name: str, array: np.ndarray) -> str:
         if name in self._used_names:
             raise ValueError(f"duplicate tensor name {name!r}")
         self._used_names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def node(
