@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Container, List, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -61,14 +61,18 @@ def bypass(graph: gs.Graph, node: gs.Node) -> bool:
     return True
 
 
-def new_constant(graph: gs.Graph, base_name: str, values: np.ndarray) -> gs.Constant:
-    """A constant with a name not used in the graph yet (``base_name`` when free)."""
-    taken = graph.tensors()
-    name, suffix = base_name, 0
+def unique_name(base: str, taken: Container[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken``."""
+    name, suffix = base, 0
     while name in taken:
         suffix += 1
-        name = f"{base_name}_{suffix}"
-    return gs.Constant(name, np.ascontiguousarray(values))
+        name = f"{base}_{suffix}"
+    return name
+
+
+def new_constant(graph: gs.Graph, base_name: str, values: np.ndarray) -> gs.Constant:
+    """A constant with a name not used in the graph yet (``base_name`` when free)."""
+    return gs.Constant(unique_name(base_name, graph.tensors()), np.ascontiguousarray(values))
 
 
 def replace_constant_values(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> gs.Constant:
@@ -116,13 +120,10 @@ def name_nodes(graph: gs.Graph) -> int:
         if node.name and node.name not in taken:
             taken.add(node.name)
             continue
-        base = f"{node.name or node.op}_{index}"
-        name, suffix = base, 0
-        while name in taken or name in existing:
-            suffix += 1
-            name = f"{base}_{suffix}"
+        name = unique_name(f"{node.name or node.op}_{index}", existing)
         node.name = name
         taken.add(name)
+        existing.add(name)
         count += 1
     return count
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_utils import is_graph_output, producer
+from .graph_utils import is_graph_output, producer, unique_name
 from .ir import Model, constant_value
 
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -580,10 +580,7 @@ class _Names:
         self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
+        name = unique_name(base, self.taken)
         self.taken.add(name)
         return name
 

@@ -32,6 +32,7 @@ from onnxslim_cv.graph_utils import (
     bypass,
     channel_vector,
     is_graph_output,
+    new_constant,
     producer,
     replace_constant_values,
     replace_uses,
@@ -553,7 +554,7 @@ def _apply_channel_affine(graph: gs.Graph, layer: gs.Node, scale: np.ndarray, sh
     if has_bias:
         replace_constant_values(graph, layer, 2, bias)
     else:
-        bias_tensor = gs.Constant(_unique_name(graph, f"{layer.name or weight.name}.bias"), np.ascontiguousarray(bias))
+        bias_tensor = new_constant(graph, f"{layer.name or weight.name}.bias", bias)
         while len(layer.inputs) < 2:
             layer.inputs.append(gs.Variable.empty())
         if len(layer.inputs) == 2:
@@ -561,15 +562,6 @@ def _apply_channel_affine(graph: gs.Graph, layer: gs.Node, scale: np.ndarray, sh
         else:
             layer.inputs[2] = bias_tensor
     return True
-
-
-def _unique_name(graph: gs.Graph, base: str) -> str:
-    taken = graph.tensors()
-    name, suffix = base, 0
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    return name
 
 
 def fold_channel_affine(model: Model, report: PassReport) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from onnxslim_cv import runtime
-from onnxslim_cv.graph_utils import strip_output_softmax
+from onnxslim_cv.graph_utils import name_nodes, new_constant, strip_output_softmax, unique_name
 from onnxslim_cv.ir import Model
 from onnxslim_cv.testing import models as test_models
 
@@ -42,3 +43,22 @@ def test_strip_output_softmax_leaves_other_softmax_outputs_alone():
     model = Model.from_proto(proto)
     assert strip_output_softmax(model) == 0
     assert [t.name for t in model.graph.outputs] == ["scores"]
+
+
+def test_unique_name_appends_the_first_free_suffix():
+    assert unique_name("w", set()) == "w"
+    assert unique_name("w", {"w", "w_1", "w_3"}) == "w_2"
+
+
+def test_new_constant_and_name_nodes_avoid_names_in_use():
+    model = Model.from_proto(test_models.conv_chain())
+    weight = next(t for t in model.graph.tensors().values() if isinstance(t, gs.Constant))
+    fresh = new_constant(model.graph, weight.name, np.zeros(2, np.float32))
+    assert fresh.name == f"{weight.name}_1"
+
+    first, second = model.graph.nodes[:2]
+    first.name, second.name = "", first.op + "_1"  # an unnamed node whose default name is taken
+    assert name_nodes(model.graph) == 1
+    names = [node.name for node in model.graph.nodes]
+    assert len(set(names)) == len(names) and all(names)
+    assert first.name == f"{first.op}_0"
