@@ -227,6 +227,30 @@ def _run_layout_op(node: gs.Node, x: np.ndarray) -> List[np.ndarray]:
     raise ValueError(op)
 
 
+def _merged_axis(dims: Sequence[object], out_dims: Sequence[object], axis: int) -> Optional[Tuple[int, int, int]]:
+    """Where a Reshape merges the channel ``axis`` with static dims on both sides of it into one
+    output axis (``[N, H, W, C] -> [N, H*W*C]``): (output axis, product of the merged dims
+    before the channel axis, product after it). None for any other reshape."""
+    if not isinstance(dims[axis], int):
+        return None
+    for start in range(axis - 1, -1, -1):
+        if any(not isinstance(d, int) for d in dims[start:axis]):
+            break
+        head = _product(dims[:start])
+        for b in range(len(out_dims)):
+            if _product(out_dims[:b]) != head or not isinstance(out_dims[b], int):
+                continue
+            for end in range(axis, len(dims)):
+                if any(not isinstance(d, int) for d in dims[axis + 1 : end + 1]):
+                    break
+                if _product(dims[: end + 1]) == _product(out_dims[: b + 1]):
+                    before = _product(dims[start:axis])[0]
+                    after = _product(dims[axis + 1 : end + 1])[0]
+                    if before > 1 and out_dims[b] == before * after * dims[axis]:
+                        return b, before, after
+    return None
+
+
 def _interleaved_rows(picked: np.ndarray) -> Optional[np.ndarray]:
     """``picked`` as rows of G consecutive positions holding channels ``i, i + C/G, ...``
     (the ``[N, G, C/G]`` transpose of a channel shuffle), for the smallest such G; else None."""
@@ -983,6 +1007,17 @@ class _Builder:
         size = out_dims[b] if b is not None else None
         inner_out = _product(out_dims[b + 1 :]) if b is not None else (0, 0)
         if b is None or not isinstance(size, int) or inner_out[1] or size * inner_out[0] != length * inner[0]:
+            merged = _merged_axis(dims, out_dims, a)
+            if merged is not None:  # channels-last features flattened (TensorFlow's Flatten)
+                b, before, after = merged
+                ids = np.tile(np.repeat(layout.ids, after), before)
+                if int(target[b]) == 0:
+                    self.freeze_inputs(node, "target copies an input dim into the merged channel axis")
+                    return
+                if int(target[b]) != -1:
+                    self.fixup("reshape", node, position=b, ids=ids)
+                self.set(node.outputs[0], b, ids)
+                return
             if not self.channel_selection(node):
                 self.freeze_inputs(node, "reshape splits the channel axis and no channel selection follows")
             return

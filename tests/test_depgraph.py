@@ -367,6 +367,20 @@ def test_flatten_into_gemm_slices_blocks_of_features():
     assert features == channels * 8 * 8
 
 
+def test_channels_last_flatten_slices_every_cth_feature():
+    proto = test_models.build("channels_last_flatten", batch="N", channels=8, image_size=16)
+    dg = build_dependency_graph(_folded(proto))
+    (conv_group,) = [g for g in dg.groups if g.channels == 8]
+    assert conv_group.prunable, conv_group.frozen
+    model, dg, removed, _ = _assert_exact_removal(proto, test_models.sample_inputs(proto, batch=2), fraction=0.25)
+    features = (8 - len(removed)) * 8 * 8
+    reshape = next(n for n in model.graph.nodes if n.op == "Reshape")
+    assert list(reshape.inputs[1].values) == [-1, features]
+    linear = next(n for n in model.graph.nodes if n.op in ("MatMul", "Gemm"))
+    weight = linear.inputs[1].values
+    assert (weight.shape[1] if linear.attrs.get("transB", 0) else weight.shape[0]) == features
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_reshape_target_is_rewritten(explicit):
     proto = test_models.build("reshape_matmul", explicit_features=explicit, batch="N")

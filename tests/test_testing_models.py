@@ -50,6 +50,9 @@ EXPECTED_OPS: Dict[str, Dict[str, int]] = {
     "group_conv": {"Conv": 3, "BatchNormalization": 3, "Relu": 2},
     "flatten_gemm": {"Conv": 1, "BatchNormalization": 1, "Relu": 2, "Flatten": 1, "Gemm": 2},
     "reshape_matmul": {"Conv": 1, "BatchNormalization": 1, "Relu": 1, "Reshape": 1, "MatMul": 1, "Add": 1},
+    "channels_last_flatten": {
+        "Conv": 1, "BatchNormalization": 1, "Relu": 1, "Transpose": 1, "Reshape": 1, "MatMul": 1, "Add": 1,
+    },
     "unet_like": {
         "Conv": 4, "BatchNormalization": 3, "Relu": 3, "MaxPool": 1,
         "Resize": 1, "Concat": 1, "Sigmoid": 1,

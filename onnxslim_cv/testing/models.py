@@ -63,6 +63,7 @@ __all__ = [
     "MIN_OPSET",
     "build",
     "channel_shuffle",
+    "channels_last_flatten",
     "conv_chain",
     "conv_transpose",
     "depth_to_space",
@@ -778,6 +779,30 @@ def reshape_matmul(
     return g.finish(image_size, ["logits"])
 
 
+def channels_last_flatten(
+    *,
+    opset: int = 13,
+    seed: int = 0,
+    batch: Batch = 1,
+    image_size: int = 16,
+    channels: int = 8,
+    num_classes: int = 10,
+) -> onnx.ModelProto:
+    """Conv features flattened channels-last, as tf2onnx exports Keras's ``Conv2D -> Flatten ->
+    Dense``: channel c owns every C-th feature, not a block of H*W.
+
+    Stride-2 conv-bn-relu -> Transpose to NHWC -> Reshape ``[-1, H*W*C]`` -> MatMul with a
+    [H*W*C, K] weight -> Add -> ``logits``.
+    """
+    _check_divisible("channels_last_flatten", image_size, 2)
+    g = _GraphBuilder("channels_last_flatten", opset=opset, seed=seed, batch=batch)
+    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
+    features = channels * (image_size // 2) ** 2
+    x = g.reshape(g.transpose(x, [0, 2, 3, 1]), [-1, features])
+    g.matmul_add(x, features, num_classes, output="logits")
+    return g.finish(image_size, ["logits"])
+
+
 def unet_like(
     *,
     opset: int = 13,
@@ -1148,6 +1173,7 @@ BUILDERS: Dict[str, Callable[..., onnx.ModelProto]] = {
     "group_conv": group_conv,
     "flatten_gemm": flatten_gemm,
     "reshape_matmul": reshape_matmul,
+    "channels_last_flatten": channels_last_flatten,
     "unet_like": unet_like,
     "conv_transpose": conv_transpose,
     "detection_head": detection_head,
