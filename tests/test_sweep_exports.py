@@ -55,3 +55,11 @@ def test_a_failed_run_and_a_failed_export_show_in_the_table(tool):
 def test_unknown_names_are_refused(tool, capsys):
     assert tool.main(["--models", "alexnet9"]) == 2
     assert "alexnet9" in capsys.readouterr().err
+
+
+def test_each_exporter_exports_only_its_frameworks_architectures(tool, tmp_path):
+    # vgg16 is a Keras application only: the torch exporters skip it without trying an export
+    assert tool.main(["--models", "vgg16", "--exporters", "torchscript,dynamo", "--folder", str(tmp_path),
+                      "--passes", "fold"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "vgg16" in tool.KERAS_ARCHITECTURES and "vgg16" not in tool.ARCHITECTURES

@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""Every pass on real PyTorch exports: torchvision architectures through both torch.onnx exporters.
+"""Every pass on real exports: torchvision architectures through both torch.onnx exporters, and
+Keras applications through tf2onnx.
 
-    python tools/sweep_exports.py [--models resnet18,mobilenet_v2,...] [--exporters torchscript,dynamo]
+    python tools/sweep_exports.py [--models resnet18,mobilenet_v2,...] [--exporters torchscript,dynamo,tf2onnx]
                                   [--passes fold,prune,quant,sparsify,lowrank] [--folder DIR]
-                                  [--torch-python PY] [--samples 16] [--json out.json] [--markdown out.md]
+                                  [--torch-python PY] [--tf-python PY] [--samples 16]
+                                  [--json out.json] [--markdown out.md]
 
 The shared models are one export each; a user's models come from whatever exporter they ran.
 This sweep exports torchvision's architectures (random weights, seed 0: no download; three
 batches of random data in training mode first, so BatchNorm holds non-trivial statistics) with
 torch.onnx's TorchScript exporter (opset 17) and its dynamo exporter (opset 18, torch's default
-since 2.9), then runs each pass through the command line as a user would, on random inputs
-(``--random-inputs``: this checks the graph handling, not accuracy):
+since 2.9), and ``keras.applications`` architectures (random weights, the same three training
+batches) with tf2onnx (opset 17; channels-last input, as TensorFlow users export them), then
+runs each pass through the command line as a user would, on random inputs (``--random-inputs``:
+this checks the graph handling, not accuracy):
 
 - ``fold``; ``prune --prune-ratio 0.3`` (no data, so the pruned model is not expected to match:
   the check is that it is valid and runs); ``quant`` and ``sparsify --sparsity 0.5
@@ -23,8 +27,10 @@ since 2.9), then runs each pass through the command line as a user would, on ran
   passes ``onnx.checker`` (full check) and loads in onnxruntime, the output cosine against the
   original, and the wall time.
 
-Exports need torch and torchvision (not dependencies of this tool): give ``--torch-python`` a
-Python that has them, or run this script with one. Exported files are cached in ``--folder``.
+Exports need torch and torchvision, or TensorFlow and tf2onnx (not dependencies of this tool):
+give ``--torch-python`` / ``--tf-python`` a Python that has them, or run this script with one.
+A model the exporter's framework does not have is skipped. Exported files are cached in
+``--folder``.
 """
 
 from __future__ import annotations
@@ -64,7 +70,26 @@ ARCHITECTURES = {
     "deeplabv3_mobilenet_v3": ("models.segmentation.deeplabv3_mobilenet_v3_large("
                                "weights=None, weights_backbone=None, aux_loss=False)", 320),
 }
-EXPORTERS = {"torchscript": {"dynamo": False, "opset": 17}, "dynamo": {"dynamo": True, "opset": 18}}
+KERAS_ARCHITECTURES = {
+    # name: (keras.applications builder, input size)
+    "resnet50": ("ResNet50", 224),
+    "resnet50_v2": ("ResNet50V2", 224),
+    "mobilenet_v2": ("MobileNetV2", 224),
+    "mobilenet_v3_small": ("MobileNetV3Small", 224),
+    "efficientnet_b0": ("EfficientNetB0", 224),
+    "efficientnet_v2_b0": ("EfficientNetV2B0", 224),
+    "regnetx_002": ("RegNetX002", 224),
+    "densenet121": ("DenseNet121", 224),
+    "inception_v3": ("InceptionV3", 299),
+    "xception": ("Xception", 299),
+    "nasnet_mobile": ("NASNetMobile", 224),
+    "vgg16": ("VGG16", 224),
+}
+EXPORTERS = {
+    "torchscript": {"framework": "torch", "dynamo": False, "opset": 17},
+    "dynamo": {"framework": "torch", "dynamo": True, "opset": 18},
+    "tf2onnx": {"framework": "keras", "opset": 17},
+}
 DEFAULT_PASSES = ("fold", "prune", "quant", "sparsify", "lowrank")
 
 
@@ -86,6 +111,13 @@ def pass_arguments(name: str, samples: int) -> List[str]:
 
 
 def export_worker(spec: Dict[str, Any]) -> None:
+    if EXPORTERS[spec["exporter"]]["framework"] == "keras":
+        _keras_export(spec)
+    else:
+        _torch_export(spec)
+
+
+def _torch_export(spec: Dict[str, Any]) -> None:
     import warnings
 
     import torch
@@ -114,6 +146,27 @@ def export_worker(spec: Dict[str, Any]) -> None:
     torch.onnx.export(wrapped, (torch.randn(1, 3, size, size),), spec["output"], input_names=["input"],
                       output_names=["output"], opset_version=options["opset"], dynamo=options["dynamo"],
                       external_data=False)
+
+
+def _keras_export(spec: Dict[str, Any]) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    import tensorflow as tf
+    import tf2onnx
+
+    tf.random.set_seed(0)
+    builder, size = KERAS_ARCHITECTURES[spec["model"]]
+    net = getattr(tf.keras.applications, builder)(weights=None, classifier_activation=None)  # logits
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # eager training-mode calls update BatchNorm's moving statistics
+        net(rng.uniform(0, 255, (4, size, size, 3)).astype(np.float32), training=True)
+    signature = (tf.TensorSpec((1, size, size, 3), tf.float32, name="input"),)
+    tf2onnx.convert.from_keras(net, input_signature=signature, opset=EXPORTERS[spec["exporter"]]["opset"],
+                               output_path=spec["output"])
+
+
+def _architectures(exporter: str) -> Dict[str, Any]:
+    return KERAS_ARCHITECTURES if EXPORTERS[exporter]["framework"] == "keras" else ARCHITECTURES
 
 
 def export(model: str, exporter: str, output: Path, python: str) -> Optional[str]:
@@ -229,11 +282,15 @@ def table(rows: List[Dict[str, Any]], passes: Sequence[str]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated, from: " + ", ".join(ARCHITECTURES))
-    parser.add_argument("--exporters", default=",".join(EXPORTERS), help="torchscript, dynamo")
+    every = list(dict.fromkeys([*ARCHITECTURES, *KERAS_ARCHITECTURES]))
+    parser.add_argument("--models", default=",".join(every), help="comma-separated, from: " + ", ".join(every)
+                        + " (each exported by the exporters whose framework has it)")
+    parser.add_argument("--exporters", default="torchscript,dynamo",
+                        help="comma-separated, from: " + ", ".join(EXPORTERS) + " (default torchscript,dynamo)")
     parser.add_argument("--passes", default=",".join(DEFAULT_PASSES))
     parser.add_argument("--folder", default="sweep-exports", help="where exports are cached (default ./sweep-exports)")
     parser.add_argument("--torch-python", default=sys.executable, help="a Python with torch and torchvision for the exports")
+    parser.add_argument("--tf-python", default=sys.executable, help="a Python with tensorflow and tf2onnx for tf2onnx's exports")
     parser.add_argument("--samples", type=int, default=16, help="random samples for the data-driven passes")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
@@ -245,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = [m for m in args.models.split(",") if m]
     exporters = [e for e in args.exporters.split(",") if e]
     passes = [p for p in args.passes.split(",") if p]
-    unknown = [m for m in models if m not in ARCHITECTURES] + [e for e in exporters if e not in EXPORTERS] + [
+    unknown = [m for m in models if m not in every] + [e for e in exporters if e not in EXPORTERS] + [
         p for p in passes if p not in DEFAULT_PASSES]
     if unknown:
         print(f"sweep_exports: unknown: {', '.join(unknown)}", file=sys.stderr)
@@ -257,11 +314,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for model in models:
         for exporter in exporters:
+            if model not in _architectures(exporter):
+                continue
             path = folder / f"{model}.{exporter}.onnx"
             benchlib.progress(f"{model} ({exporter}) ...")
             row: Dict[str, Any] = {"model": model, "exporter": exporter, "runs": {}}
             rows.append(row)
-            problem = export(model, exporter, path, args.torch_python)
+            python = args.tf_python if EXPORTERS[exporter]["framework"] == "keras" else args.torch_python
+            problem = export(model, exporter, path, python)
             if problem:
                 row["export_error"] = problem
                 benchlib.progress(f"  export failed: {problem}")
@@ -273,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = table(rows, passes)
     minutes = (time.perf_counter() - started) / 60
     text += (f"\n\nWall time {minutes:.1f} min; {args.samples} random samples; "
-             f"{benchlib.machine()}; torch.onnx exporters: {', '.join(exporters)}.\n")
+             f"{benchlib.machine()}; exporters: {', '.join(exporters)}.\n")
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
