@@ -63,3 +63,15 @@ def test_each_exporter_exports_only_its_frameworks_architectures(tool, tmp_path)
                       "--passes", "fold"]) == 0
     assert list(tmp_path.iterdir()) == []
     assert "vgg16" in tool.KERAS_ARCHITECTURES and "vgg16" not in tool.ARCHITECTURES
+
+
+def test_an_export_that_fails_the_checker_counts_as_a_failed_export(tool, tmp_path):
+    invalid = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("PartitionedCall", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    path = tmp_path / "bad.onnx"
+    onnx.save(invalid, str(path))
+    assert "PartitionedCall" in tool._checker_error(path)
+    onnx.save(test_models.build("conv_chain"), str(path))
+    assert tool._checker_error(path) is None

@@ -178,10 +178,24 @@ def export(model: str, exporter: str, output: Path, python: str) -> Optional[str
     process = subprocess.run([python, str(Path(__file__).resolve()), "--export-worker", json.dumps(spec)],
                              capture_output=True, text=True)
     if process.returncode == 0 and partial.exists():
-        partial.replace(output)
-        return None
+        invalid = _checker_error(partial)  # tf2onnx writes ops it could not convert and still exits 0
+        if invalid is None:
+            partial.replace(output)
+            return None
+        partial.unlink(missing_ok=True)
+        return f"the exported file fails onnx.checker: {invalid}"[:200]
     partial.unlink(missing_ok=True)
     return _last_line(process)[:200]
+
+
+def _checker_error(path: Path) -> Optional[str]:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001  (what the sweep reports)
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
 def _last_line(process: subprocess.CompletedProcess) -> str:
