@@ -62,6 +62,14 @@ def _positive_int(value) -> int:
     return number
 
 
+def fold_first(model: Model, context: PassContext, report: PassReport, why: str) -> None:
+    """Run ``fold`` in place before another pass (``why`` it needs the folded graph), noting what it changed."""
+    folded = FoldPass().run(model, context)
+    if folded.changes:
+        changes = ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items()))
+        report.notes.append(f"folded first ({why}): {changes}")
+
+
 @register_pass
 class FoldPass(Pass):
     name = "fold"
@@ -83,15 +91,7 @@ class FoldPass(Pass):
         report = PassReport(self.name)
         graph = model.graph
         nodes_before = len(graph.nodes)
-        remove_identities(graph, report)
-        for _ in range(8):  # each round can expose more (shapes become static, heads become plain)
-            model.infer_shapes(reset=False)
-            changed = fold_constants(model, report, max_bytes=self.config["max_bytes"])
-            changed += fold_dynamic_reshape_shapes(model, report)
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            if not changed:
-                break
-        model.infer_shapes(reset=False)
+        fold_computed_constants(model, report, max_bytes=self.config["max_bytes"])
         merge_duplicate_nodes(graph, report)
         # A bias Add between a ConvTranspose and its BN only goes once the BN has, so repeat.
         while fold_batchnorm(model, report) + fold_channel_affine(model, report):
@@ -106,6 +106,22 @@ class FoldPass(Pass):
             report.notes.append(f"{leftover} BatchNormalization left (not after a Conv/ConvTranspose/Gemm)")
         report.details["nodes_removed"] = removed
         return report
+
+
+def fold_computed_constants(model: Model, report: PassReport, *, max_bytes: int = _DEFAULT_MAX_FOLD_BYTES) -> None:
+    """Identity / Dropout bypassed, constant subgraphs (the ``Shape`` arithmetic exporters
+    write for channel counts and reshape targets) evaluated: the part of ``fold`` that leaves
+    every weight as it is."""
+    graph = model.graph
+    remove_identities(graph, report)
+    for _ in range(8):  # each round can expose more (shapes become static, heads become plain)
+        model.infer_shapes(reset=False)
+        changed = fold_constants(model, report, max_bytes=max_bytes)
+        changed += fold_dynamic_reshape_shapes(model, report)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if not changed:
+            break
+    model.infer_shapes(reset=False)
 
 
 # ---------------------------------------------------------------------- Identity / Dropout

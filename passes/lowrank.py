@@ -278,7 +278,7 @@ class LowRankPass(Pass):
 
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, context: PassContext) -> PassReport:
-        from onnxslim_cv.passes.fold import FoldPass
+        from onnxslim_cv.passes.fold import fold_first
         from onnxslim_cv.stats import model_stats
 
         config = self.config
@@ -295,9 +295,7 @@ class LowRankPass(Pass):
         if allocation in MEASURED_RULES and context.calibration is None and config["target_macs"] is not None:
             raise UserError(f"lowrank: --lowrank-allocation {allocation} needs calibration data (--calib)")
 
-        folded = FoldPass().run(model, context)  # BN folded first: the factors are of the deployed weights
-        if folded.changes:
-            report.notes.append("folded first: " + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
+        fold_first(model, context, report, "the factors are of the deployed weights")
         renamed = name_nodes(model.graph)
         if renamed:
             report.notes.append(f"named {renamed} unnamed nodes")

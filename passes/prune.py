@@ -216,6 +216,15 @@ class PrunePass(Pass):
         if auto_round:
             round_to = native_block_size()
 
+        from onnxslim_cv.passes.fold import fold_computed_constants
+
+        # channel counts that exports read at run time (Shape) become constants the dependency
+        # graph can rewrite; weights stay as they are (ratio 0 stays bit-identical)
+        folded = PassReport("fold")
+        fold_computed_constants(model, folded)
+        if folded.changes:
+            report.notes.append("constant subgraphs folded first: "
+                                + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
         dg = build_dependency_graph(model)
         if config["target_macs"] is not None:
             _ensure_macs(model, dg, data)

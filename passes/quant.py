@@ -155,7 +155,9 @@ class QuantPass(Pass):
         data = context.calibration.limited(config["samples"])
         started = time.perf_counter()
 
-        _fold(model, context, report)
+        from onnxslim_cv.passes.fold import fold_first
+
+        fold_first(model, context, report, "BN in the convs, the int8 kernels' form")
         _raise_opset(model, report)
         name_nodes(model.graph)
         if config["cle"]:
@@ -236,14 +238,6 @@ class QuantPass(Pass):
 # --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
-
-
-def _fold(model: Model, context: PassContext, report: PassReport) -> None:
-    from onnxslim_cv.passes.fold import FoldPass
-
-    folded = FoldPass().run(model, context)
-    if folded.changes:
-        report.notes.append("folded first: " + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
 
 
 def _raise_opset(model: Model, report: PassReport) -> None:

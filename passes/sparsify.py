@@ -158,7 +158,7 @@ class SparsifyPass(Pass):
     def run(self, model: Model, context: PassContext) -> PassReport:
         from onnxslim_cv import storage
         from onnxslim_cv.report import human_bytes
-        from onnxslim_cv.passes.fold import FoldPass
+        from onnxslim_cv.passes.fold import fold_first
 
         report = PassReport(self.name, options=dict(self.config))
         config = self.config
@@ -175,9 +175,7 @@ class SparsifyPass(Pass):
         if mode in ("sensitivity", "hessian") and data is None:
             raise UserError(f"sparsify: --sparsity-mode {mode} needs calibration data (--calib)")
 
-        folded = FoldPass().run(model, context)  # BN folded first: masks then hold for the deployed weights
-        if folded.changes:
-            report.notes.append("folded first: " + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
+        fold_first(model, context, report, "masks then hold for the deployed weights")
         renamed = name_nodes(model.graph)  # masks, recipes and the refit address layers by node name
         if renamed:
             report.notes.append(f"named {renamed} unnamed nodes")

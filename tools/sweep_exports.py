@@ -8,8 +8,9 @@ Keras applications through tf2onnx.
                                   [--json out.json] [--markdown out.md]
 
 The shared models are one export each; a user's models come from whatever exporter they ran.
-This sweep exports torchvision's architectures (random weights, seed 0: no download; three
-batches of random data in training mode first, so BatchNorm holds non-trivial statistics) with
+This sweep exports torchvision's architectures and a YOLOv8-n style detector written in plain
+torch (``tools/plain_torch_models.py``; random weights, seed 0: no download; three batches of
+random data in training mode first, so BatchNorm holds non-trivial statistics) with
 torch.onnx's TorchScript exporter (opset 17) and its dynamo exporter (opset 18, torch's default
 since 2.9), and ``keras.applications`` architectures (random weights, the same three training
 batches) with tf2onnx (opset 17; channels-last input, as TensorFlow users export them), then
@@ -27,7 +28,7 @@ this checks the graph handling, not accuracy):
   passes ``onnx.checker`` (full check) and loads in onnxruntime, the output cosine against the
   original, and the wall time.
 
-Exports need torch and torchvision, or TensorFlow and tf2onnx (not dependencies of this tool):
+Exports need torch (and torchvision for its architectures), or TensorFlow and tf2onnx (not dependencies of this tool):
 give ``--torch-python`` / ``--tf-python`` a Python that has them, or run this script with one.
 A model the exporter's framework does not have is skipped. Exported files are cached in
 ``--folder``.
@@ -69,6 +70,8 @@ ARCHITECTURES = {
     "lraspp_mobilenet_v3": ("models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)", 320),
     "deeplabv3_mobilenet_v3": ("models.segmentation.deeplabv3_mobilenet_v3_large("
                                "weights=None, weights_backbone=None, aux_loss=False)", 320),
+    # plain torch (tools/plain_torch_models.py), no torchvision needed
+    "yolov8n": ("plain.yolov8n(320)", 320),
 }
 KERAS_ARCHITECTURES = {
     # name: (keras.applications builder, input size)
@@ -121,11 +124,14 @@ def _torch_export(spec: Dict[str, Any]) -> None:
     import warnings
 
     import torch
-    from torchvision import models  # noqa: F401  (used by the builder expressions)
+
+    import plain_torch_models as plain  # noqa: F401  (used by the builder expressions)
 
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     expression, size = ARCHITECTURES[spec["model"]]
+    if expression.startswith("models."):
+        from torchvision import models  # noqa: F401  (used by the builder expressions)
     net = eval(expression)  # noqa: S307  (a fixed table above)
     with torch.no_grad():
         net.train()
