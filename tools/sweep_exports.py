@@ -21,7 +21,8 @@ this checks the graph handling, not accuracy):
   the check is that it is valid and runs); ``quant`` and ``sparsify --sparsity 0.5
   --sparsify-mode uniform`` (OBS refit) and ``lowrank --target-macs 0.75`` on the random
   samples, verified against the original (the cosine gate's outcome is reported, not required).
-- Per file: the dependency graph's share of conv channels in prunable groups (issue 3: at least
+- Per file: the dependency graph's share of conv channels in prunable groups, as ``prune`` sees
+  it (after evaluating constant subgraphs; issue 3: at least
   80% on ResNet- and MobileNet-style graphs) and the commonest reason a group is frozen (other
   than computing a graph output, which is frozen by design).
 - Per run: the exit code (0 passed the gate, 1 failed it, 2 error), whether the written model
@@ -218,8 +219,11 @@ def _last_line(process: subprocess.CompletedProcess) -> str:
 def graph_summary(path: Path) -> Dict[str, Any]:
     from onnxslim_cv.depgraph import build_dependency_graph
     from onnxslim_cv.model_io import load_model
+    from onnxslim_cv.passes.fold import fold_computed_constants
+    from onnxslim_cv.pipeline import PassReport
 
     model = load_model(path)
+    fold_computed_constants(model, PassReport("fold"))  # what prune does before building its graph
     dg = build_dependency_graph(model)
     summary = dg.summary()
     reasons: Counter = Counter()
