@@ -248,7 +248,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         description=(
             "Show a model's params, MACs (per layer and in total), op histogram, opset/IR, weight sparsity and size.\n"
-            "With --groups, also the channel groups of its dependency graph: which channels the prune pass\n"
+            "With --groups, also the channel groups of its dependency graph as the prune pass builds it: which channels it\n"
             "removes together, and why the frozen ones cannot be pruned."
         ),
         epilog=(
@@ -626,7 +626,7 @@ def cmd_inspect(args) -> int:
         from .report import dependency_graph_dict
 
         # works on the in-memory model only (shape inference, node names); the file is never written
-        groups = dependency_graph_dict(build_dependency_graph(model))
+        groups = dependency_graph_dict(build_dependency_graph(_as_prune_sees_it(model)))
     if args.json:
         data = stats.to_dict(layers=not args.no_layers)
         data["path"] = args.model
@@ -640,6 +640,16 @@ def cmd_inspect(args) -> int:
             text += "\n\n" + _indent_text(format_groups(groups))
         print(text)
     return 0
+
+
+def _as_prune_sees_it(model):
+    """``model`` with its constant subgraphs evaluated, as ``prune`` does before building its
+    dependency graph (channel counts read through ``Shape`` would otherwise show as frozen)."""
+    from .passes.fold import fold_computed_constants
+    from .pipeline import PassReport
+
+    fold_computed_constants(model, PassReport("fold"))
+    return model
 
 
 def _indent_text(text: str, prefix: str = "  ") -> str:
@@ -751,7 +761,7 @@ def cmd_analyze(args) -> int:
     started = time.perf_counter()
     if args.groups:
         curves = sensitivity.analyze_groups(
-            model, data, ratios=args.ratios, samples=args.samples, progress=_progress(args), round_to=args.round_to
+            _as_prune_sees_it(model), data, ratios=args.ratios, samples=args.samples, progress=_progress(args), round_to=args.round_to
         )
         if not curves:
             raise UserError(f"{args.model}: no prunable channel group (see '{PROG} inspect --groups')")

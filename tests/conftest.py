@@ -170,3 +170,31 @@ def relative_output_error(reference, candidate, feeds) -> float:
     """Squared output error of ``candidate`` relative to the energy of ``reference``'s outputs."""
     a, b = outputs_on(reference, feeds), outputs_on(candidate, feeds)
     return float(sum(np.square(x - y).sum() for x, y in zip(a, b)) / sum(np.square(x).sum() for x in a))
+
+
+def chunk_read_through_shape() -> onnx.ModelProto:
+    """Conv 3->16 -> Relu -> ``chunk(2, 1)`` as TorchScript exports it (the halves' bounds
+    computed from ``Shape``) -> Concat -> 1x1 conv 16->4: frozen until the Shape arithmetic is
+    evaluated."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (16, 3, 3, 3)), ("w2", (4, 16, 1, 1)))]
+    weights += [numpy_helper.from_array(np.array(v, np.int64), n)
+                for n, v in (("one", [1]), ("two", [2]), ("zero", [0]), ("big", [1 << 30]))]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["h"], name="relu1"),
+        helper.make_node("Shape", ["h"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "one"], ["c"], name="channels", axis=0),
+        helper.make_node("Div", ["c", "two"], ["half"], name="half"),
+        helper.make_node("Slice", ["h", "zero", "half", "one"], ["a"], name="first_half"),
+        helper.make_node("Slice", ["h", "half", "big", "one"], ["b"], name="second_half"),
+        helper.make_node("Relu", ["b"], ["b1"], name="relu2"),
+        helper.make_node("Concat", ["a", "b1"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["output"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "chunk", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    return graph_model(graph)

@@ -12,7 +12,7 @@ from onnxslim_cv.pipeline import PassReport
 from onnxslim_cv.report import MAX_GROUP_ROWS, format_passes, reason_kind, short_names
 from onnxslim_cv.testing import models
 
-from .conftest import assert_one_line_error, sha256, unprunable_model
+from .conftest import assert_one_line_error, chunk_read_through_shape, sha256, unprunable_model
 
 
 # ---------------------------------------------------------------------- inspect --groups
@@ -43,6 +43,16 @@ def test_inspect_groups_shows_frozen_reasons(cli, model_file):
     result = cli("inspect", model_file("channel_shuffle"), "--groups", "--no-layers")
     assert "frozen: graph output output" in result.out
     assert "1/2 groups prunable, 16/32 conv channels in prunable groups" in result.out
+
+
+def test_inspect_groups_shows_the_graph_prune_builds(cli, model_file):
+    # the channel count is read through Shape: prune evaluates that first, and so does inspect
+    path = model_file(chunk_read_through_shape(), "chunk.onnx")
+    before = sha256(path)
+    data = json.loads(cli("inspect", path, "--groups", "--json").out)
+    assert data["dependency_graph"]["prunable_conv_channels"] == 16
+    assert not build_dependency_graph(load_model(path)).prunable_groups  # the file as it is
+    assert sha256(path) == before
 
 
 def test_inspect_without_groups_has_no_group_section(cli, model_file):

@@ -17,7 +17,7 @@ from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.stats import model_stats
 from onnxslim_cv.testing import models as test_models
 
-from .conftest import assert_one_line_error, graph_model, unprunable_model
+from .conftest import assert_one_line_error, chunk_read_through_shape, unprunable_model
 
 
 def _calibration(proto, count=32, seed=1):
@@ -190,34 +190,8 @@ def test_grouped_conv_transpose_prunes_whole_groups_and_refits_its_consumer():
     assert errors["lsq"] < errors["none"], errors
 
 
-def _chunk_read_through_shape() -> onnx.ModelProto:
-    """``y.chunk(2, 1)`` as TorchScript exports it: the halves' bounds computed from ``Shape``."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-               for name, shape in (("w1", (16, 3, 3, 3)), ("w2", (4, 16, 1, 1)))]
-    weights += [numpy_helper.from_array(np.array(v, np.int64), n)
-                for n, v in (("one", [1]), ("two", [2]), ("zero", [0]), ("big", [1 << 30]))]
-    nodes = [
-        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["h"], name="relu1"),
-        helper.make_node("Shape", ["h"], ["s"], name="shape"),
-        helper.make_node("Gather", ["s", "one"], ["c"], name="channels", axis=0),
-        helper.make_node("Div", ["c", "two"], ["half"], name="half"),
-        helper.make_node("Slice", ["h", "zero", "half", "one"], ["a"], name="first_half"),
-        helper.make_node("Slice", ["h", "half", "big", "one"], ["b"], name="second_half"),
-        helper.make_node("Relu", ["b"], ["b1"], name="relu2"),
-        helper.make_node("Concat", ["a", "b1"], ["cat"], name="concat", axis=1),
-        helper.make_node("Conv", ["cat", "w2"], ["output"], name="conv2"),
-    ]
-    graph = helper.make_graph(nodes, "chunk", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
-    return graph_model(graph)
-
-
 def test_channel_counts_read_through_shape_are_folded_before_the_graph_is_built():
-    proto = _chunk_read_through_shape()
+    proto = chunk_read_through_shape()
     assert not build_dependency_graph(Model.from_proto(proto)).prunable_groups  # the Shape freezes them
     passes = make_passes(["prune"], {"prune": {"ratio": 0.5, "round_to": 1}})
     out, reports = run_passes(Model.from_proto(proto), passes, context=PassContext(progress=False))
