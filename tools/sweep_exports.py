@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Every pass on real exports: torchvision architectures through both torch.onnx exporters, and
-Keras applications through tf2onnx.
+"""Every pass on real exports: torchvision architectures through both torch.onnx exporters,
+Keras applications through tf2onnx, and paddle.vision models through paddle2onnx.
 
-    python tools/sweep_exports.py [--models resnet18,mobilenet_v2,...] [--exporters torchscript,dynamo,tf2onnx]
+    python tools/sweep_exports.py [--models resnet18,mobilenet_v2,...]
+                                  [--exporters torchscript,dynamo,tf2onnx,paddle2onnx]
                                   [--passes fold,prune,quant,sparsify,lowrank] [--folder DIR]
-                                  [--torch-python PY] [--tf-python PY] [--samples 16]
+                                  [--torch-python PY] [--tf-python PY] [--paddle-python PY] [--samples 16]
                                   [--json out.json] [--markdown out.md]
 
 The shared models are one export each; a user's models come from whatever exporter they ran.
@@ -13,7 +14,8 @@ torch (``tools/plain_torch_models.py``; random weights, seed 0: no download; thr
 random data in training mode first, so BatchNorm holds non-trivial statistics) with
 torch.onnx's TorchScript exporter (opset 17) and its dynamo exporter (opset 18, torch's default
 since 2.9), and ``keras.applications`` architectures (random weights, the same three training
-batches) with tf2onnx (opset 17; channels-last input, as TensorFlow users export them), then
+batches) with tf2onnx (opset 17; channels-last input, as TensorFlow users export them), and
+``paddle.vision.models`` (random weights, the same batches) with paddle2onnx (opset 13), then
 runs each pass through the command line as a user would, on random inputs (``--random-inputs``:
 this checks the graph handling, not accuracy):
 
@@ -29,8 +31,9 @@ this checks the graph handling, not accuracy):
   passes ``onnx.checker`` (full check) and loads in onnxruntime, the output cosine against the
   original, and the wall time.
 
-Exports need torch (and torchvision for its architectures), or TensorFlow and tf2onnx (not dependencies of this tool):
-give ``--torch-python`` / ``--tf-python`` a Python that has them, or run this script with one.
+Exports need torch (and torchvision for its architectures), TensorFlow and tf2onnx, or
+PaddlePaddle and paddle2onnx (not dependencies of this tool): give ``--torch-python`` /
+``--tf-python`` / ``--paddle-python`` a Python that has them, or run this script with one.
 A model the exporter's framework does not have is skipped. Exported files are cached in
 ``--folder``.
 """
@@ -89,10 +92,23 @@ KERAS_ARCHITECTURES = {
     "nasnet_mobile": ("NASNetMobile", 224),
     "vgg16": ("VGG16", 224),
 }
+PADDLE_ARCHITECTURES = {
+    # name: (paddle.vision.models builder, input size)
+    "resnet50": ("resnet50", 224),
+    "mobilenet_v2": ("mobilenet_v2", 224),
+    "mobilenet_v3_small": ("mobilenet_v3_small", 224),
+    "shufflenet_v2": ("shufflenet_v2_x1_0", 224),
+    "squeezenet1_1": ("squeezenet1_1", 224),
+    "densenet121": ("densenet121", 224),
+    "googlenet": ("googlenet", 224),
+    "inception_v3": ("inception_v3", 299),
+    "vgg16": ("vgg16", 224),
+}
 EXPORTERS = {
     "torchscript": {"framework": "torch", "dynamo": False, "opset": 17},
     "dynamo": {"framework": "torch", "dynamo": True, "opset": 18},
     "tf2onnx": {"framework": "keras", "opset": 17},
+    "paddle2onnx": {"framework": "paddle", "opset": 13},
 }
 DEFAULT_PASSES = ("fold", "prune", "quant", "sparsify", "lowrank")
 
@@ -115,10 +131,8 @@ def pass_arguments(name: str, samples: int) -> List[str]:
 
 
 def export_worker(spec: Dict[str, Any]) -> None:
-    if EXPORTERS[spec["exporter"]]["framework"] == "keras":
-        _keras_export(spec)
-    else:
-        _torch_export(spec)
+    framework = EXPORTERS[spec["exporter"]]["framework"]
+    {"keras": _keras_export, "paddle": _paddle_export, "torch": _torch_export}[framework](spec)
 
 
 def _torch_export(spec: Dict[str, Any]) -> None:
@@ -172,8 +186,27 @@ def _keras_export(spec: Dict[str, Any]) -> None:
                                output_path=spec["output"])
 
 
+def _paddle_export(spec: Dict[str, Any]) -> None:
+    import paddle
+
+    paddle.seed(0)
+    builder, size = PADDLE_ARCHITECTURES[spec["model"]]
+    net = getattr(paddle.vision.models, builder)(pretrained=False)
+    net.train()
+    for _ in range(3):  # BatchNorm's running statistics
+        net(paddle.randn([4, 3, size, size]))
+    net.eval()
+    signature = [paddle.static.InputSpec(shape=[1, 3, size, size], dtype="float32", name="input")]
+    output = spec["output"]
+    prefix = output[: -len(".onnx")] if output.endswith(".onnx") else output
+    paddle.onnx.export(net, prefix, input_spec=signature, opset_version=EXPORTERS[spec["exporter"]]["opset"])
+    written = Path(prefix + ".onnx")
+    if written != Path(output):
+        written.replace(output)
+
+
 def _architectures(exporter: str) -> Dict[str, Any]:
-    return KERAS_ARCHITECTURES if EXPORTERS[exporter]["framework"] == "keras" else ARCHITECTURES
+    return {"keras": KERAS_ARCHITECTURES, "paddle": PADDLE_ARCHITECTURES}.get(EXPORTERS[exporter]["framework"], ARCHITECTURES)
 
 
 def export(model: str, exporter: str, output: Path, python: str) -> Optional[str]:
@@ -306,7 +339,7 @@ def table(rows: List[Dict[str, Any]], passes: Sequence[str]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    every = list(dict.fromkeys([*ARCHITECTURES, *KERAS_ARCHITECTURES]))
+    every = list(dict.fromkeys([*ARCHITECTURES, *KERAS_ARCHITECTURES, *PADDLE_ARCHITECTURES]))
     parser.add_argument("--models", default=",".join(every), help="comma-separated, from: " + ", ".join(every)
                         + " (each exported by the exporters whose framework has it)")
     parser.add_argument("--exporters", default="torchscript,dynamo",
@@ -315,6 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--folder", default="sweep-exports", help="where exports are cached (default ./sweep-exports)")
     parser.add_argument("--torch-python", default=sys.executable, help="a Python with torch and torchvision for the exports")
     parser.add_argument("--tf-python", default=sys.executable, help="a Python with tensorflow and tf2onnx for tf2onnx's exports")
+    parser.add_argument("--paddle-python", default=sys.executable,
+                        help="a Python with paddlepaddle and paddle2onnx for paddle2onnx's exports")
     parser.add_argument("--samples", type=int, default=16, help="random samples for the data-driven passes")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
@@ -344,7 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             benchlib.progress(f"{model} ({exporter}) ...")
             row: Dict[str, Any] = {"model": model, "exporter": exporter, "runs": {}}
             rows.append(row)
-            python = args.tf_python if EXPORTERS[exporter]["framework"] == "keras" else args.torch_python
+            python = {"keras": args.tf_python, "paddle": args.paddle_python}.get(
+                EXPORTERS[exporter]["framework"], args.torch_python)
             problem = export(model, exporter, path, python)
             if problem:
                 row["export_error"] = problem
