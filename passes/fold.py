@@ -111,7 +111,8 @@ class FoldPass(Pass):
 def fold_computed_constants(model: Model, report: PassReport, *, max_bytes: int = _DEFAULT_MAX_FOLD_BYTES) -> None:
     """Identity / Dropout bypassed, constant subgraphs (the ``Shape`` arithmetic exporters
     write for channel counts and reshape targets) evaluated: the part of ``fold`` that leaves
-    every weight as it is."""
+    the layers, their weights and BatchNorm as they are (a weight that a constant subgraph
+    computes becomes the value the runtime would compute)."""
     graph = model.graph
     remove_identities(graph, report)
     for _ in range(8):  # each round can expose more (shapes become static, heads become plain)

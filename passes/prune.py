@@ -190,6 +190,8 @@ class PrunePass(Pass):
 
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, context: PassContext) -> PassReport:
+        from onnxslim_cv.passes.fold import fold_computed_constants
+
         report = PassReport(self.name, options=dict(self.config))
         config = self.config
         data = context.calibration.limited(config["samples"]) if context.calibration is not None else None
@@ -216,14 +218,12 @@ class PrunePass(Pass):
         if auto_round:
             round_to = native_block_size()
 
-        from onnxslim_cv.passes.fold import fold_computed_constants
-
         # channel counts that exports read at run time (Shape) become constants the dependency
-        # graph can rewrite; weights stay as they are (ratio 0 stays bit-identical)
+        # graph can rewrite; weights and BatchNorm stay as they are (ratio 0 stays bit-identical)
         folded = PassReport("fold")
         fold_computed_constants(model, folded)
         if folded.changes:
-            report.notes.append("constant subgraphs folded first: "
+            report.notes.append("folded first (Identity, Dropout and constant subgraphs; weights untouched): "
                                 + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
         dg = build_dependency_graph(model)
         if config["target_macs"] is not None:
