@@ -32,7 +32,7 @@ from .specs import TensorSpec
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 ARRAY_EXTENSIONS = frozenset({".npy", ".npz"})
 RESIZE_MODES = ("stretch", "center-crop", "letterbox")
-LAYOUTS = ("nchw", "nhwc")
+LAYOUTS = ("auto", "nchw", "nhwc")
 
 NPY_CHUNK_SAMPLES = 32
 """Samples per item when a file holds a big batch: bounds memory while keeping reads large."""
@@ -602,7 +602,9 @@ class ImagePreprocess:
     std: tuple[float, ...] = (1.0,)
     scale: float = 1.0
     bgr: bool = False
-    layout: str = "nchw"
+    layout: str = "auto"
+    """nchw, nhwc, or auto: nhwc for an input whose last dim holds 1-4 channels and dim 1 does not
+    (``[N, H, W, 3]``, as TensorFlow models take images), else nchw."""
     pad_value: float = 0.0
 
     def __post_init__(self) -> None:
@@ -624,23 +626,36 @@ class ImagePreprocess:
         if any(s == 0 for s in self.std):
             raise UserError(f"std must not contain 0, got {','.join(map(str, self.std))}")
 
+    def layout_for(self, spec: TensorSpec) -> str:
+        """``layout``, with auto resolved from ``spec``'s shape."""
+        if self.layout != "auto":
+            return self.layout
+        shape = spec.shape
+
+        def few(dim: Any) -> bool:
+            return _is_fixed(dim) and 1 <= int(dim) <= 4
+
+        channels_last = shape is not None and len(shape) == 4 and few(shape[3]) and not few(shape[1])
+        return "nhwc" if channels_last else "nchw"
+
     def target(self, spec: TensorSpec) -> tuple[int, int, int]:
         """(H, W, channels) for ``spec``; raises UserError when it cannot be determined."""
+        layout = self.layout_for(spec)
         if spec.shape is not None and len(spec.shape) != 4:
             raise UserError(
                 f"input '{spec.name}' has shape {spec.shape_str()}; images need a 4-D input "
-                f"({'N,C,H,W' if self.layout == 'nchw' else 'N,H,W,C'}, see --layout)"
+                f"({'N,C,H,W' if layout == 'nchw' else 'N,H,W,C'}, see --layout)"
             )
         if spec.shape is None:
             dims_hwc = (None, None, None)
-        elif self.layout == "nchw":
+        elif layout == "nchw":
             dims_hwc = (spec.shape[2], spec.shape[3], spec.shape[1])
         else:
             dims_hwc = (spec.shape[1], spec.shape[2], spec.shape[3])
         channels = dims_hwc[2] if _is_fixed(dims_hwc[2]) else 3
         if channels not in (1, 3):
             raise UserError(
-                f"input '{spec.name}' ({spec.shape_str()}, layout {self.layout}) has {channels} channels; "
+                f"input '{spec.name}' ({spec.shape_str()}, layout {layout}) has {channels} channels; "
                 f"images give 1 (grayscale) or 3 (RGB); check --layout"
             )
         if self.size is not None:
@@ -676,7 +691,7 @@ class ImagePreprocess:
             pixels = pixels[..., ::-1]
         x = pixels * np.float32(self.scale)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        if self.layout == "nchw":
+        if self.layout_for(spec) == "nchw":
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -1161,7 +1176,8 @@ def add_data_arguments(parser_or_group) -> None:
     group.add_argument(
         "--layout",
         choices=LAYOUTS,
-        help="model input layout (default nchw); nhwc for TensorFlow-style models",
+        help="model input layout: nchw, nhwc, or auto (default): nhwc when the input's last dim holds "
+        "1-4 channels and dim 1 does not ([N, H, W, 3], as TensorFlow models take images), else nchw",
     )
 
 

@@ -631,6 +631,15 @@ def test_nhwc_is_nchw_transposed(image):
     np.testing.assert_array_equal(nhwc, first.transpose(1, 2, 0))
 
 
+def test_auto_layout_follows_the_input_shape(image):
+    first = ImagePreprocess(scale=1 / 255).apply(image, nchw(8, 6))
+    channels_last = ImagePreprocess(scale=1 / 255).apply(image, spec(shape=("N", 8, 6, 3)))  # layout auto
+    np.testing.assert_array_equal(channels_last, first.transpose(1, 2, 0))
+    assert ImagePreprocess().layout_for(spec(shape=("N", 3, 4, 4))) == "nchw"  # ambiguous: the default
+    assert ImagePreprocess().layout_for(spec(shape=("N", 224, 224, 1))) == "nhwc"
+    assert ImagePreprocess(layout="nchw").layout_for(spec(shape=("N", 224, 224, 3))) == "nchw"  # given wins
+
+
 def test_stretch_resizes_to_spec_or_given_size(image):
     assert ImagePreprocess().apply(image, nchw(8, 3)).shape == (3, 8, 3)
     assert ImagePreprocess(size=(5, 7)).apply(image, spec(shape=("N", 3, "H", "W"))).shape == (3, 5, 7)
