@@ -62,9 +62,15 @@ def _positive_int(value) -> int:
     return number
 
 
-def fold_first(model: Model, context: PassContext, report: PassReport, why: str) -> None:
-    """Run ``fold`` in place before another pass (``why`` it needs the folded graph), noting what it changed."""
-    folded = FoldPass().run(model, context)
+def fold_first(model: Model, context: PassContext, report: PassReport, why: str, *,
+               computed_constants_only: bool = False) -> None:
+    """Run ``fold`` in place before another pass (``why`` it needs the folded graph), noting what
+    it changed; ``computed_constants_only``: just :func:`fold_computed_constants`."""
+    if computed_constants_only:
+        folded = PassReport("fold")
+        fold_computed_constants(model, folded)
+    else:
+        folded = FoldPass().run(model, context)
     if folded.changes:
         changes = ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items()))
         report.notes.append(f"folded first ({why}): {changes}")

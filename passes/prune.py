@@ -190,7 +190,7 @@ class PrunePass(Pass):
 
     # ------------------------------------------------------------------------------------------
     def run(self, model: Model, context: PassContext) -> PassReport:
-        from onnxslim_cv.passes.fold import fold_computed_constants
+        from onnxslim_cv.passes.fold import fold_first
 
         report = PassReport(self.name, options=dict(self.config))
         config = self.config
@@ -220,11 +220,8 @@ class PrunePass(Pass):
 
         # channel counts that exports read at run time (Shape) become constants the dependency
         # graph can rewrite; weights and BatchNorm stay as they are (ratio 0 stays bit-identical)
-        folded = PassReport("fold")
-        fold_computed_constants(model, folded)
-        if folded.changes:
-            report.notes.append("folded first (Identity, Dropout and constant subgraphs; weights untouched): "
-                                + ", ".join(f"{k} {v}" for k, v in sorted(folded.changes.items())))
+        fold_first(model, context, report, "Identity, Dropout and constant subgraphs; weights untouched",
+                   computed_constants_only=True)
         dg = build_dependency_graph(model)
         if config["target_macs"] is not None:
             _ensure_macs(model, dg, data)
