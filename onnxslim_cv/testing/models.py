@@ -763,44 +763,32 @@ def reshape_matmul(
     channels: int = 8,
     num_classes: int = 10,
     explicit_features: bool = True,
+    channels_last: bool = False,
 ) -> onnx.ModelProto:
     """Reshape + MatMul + Add instead of Flatten + Gemm: the pruner must rewrite a shape constant.
 
     Stride-2 conv-bn-relu -> Reshape -> MatMul with a [C*H*W, K] weight -> Add -> ``logits``.
     ``explicit_features`` picks the Reshape target: ``[-1, C*H*W]`` (must be updated when
-    channels are pruned) or ``[0, -1]`` (stays valid).
+    channels are pruned) or ``[0, -1]`` (stays valid). ``channels_last`` transposes the
+    features to NHWC first (:func:`channels_last_flatten`).
     """
-    _check_divisible("reshape_matmul", image_size, 2)
-    g = _GraphBuilder("reshape_matmul", opset=opset, seed=seed, batch=batch)
+    name = "channels_last_flatten" if channels_last else "reshape_matmul"
+    _check_divisible(name, image_size, 2)
+    g = _GraphBuilder(name, opset=opset, seed=seed, batch=batch)
     x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
+    if channels_last:
+        x = g.transpose(x, [0, 2, 3, 1])
     features = channels * (image_size // 2) ** 2
     x = g.reshape(x, [-1, features] if explicit_features else [0, -1])
     g.matmul_add(x, features, num_classes, output="logits")
     return g.finish(image_size, ["logits"])
 
 
-def channels_last_flatten(
-    *,
-    opset: int = 13,
-    seed: int = 0,
-    batch: Batch = 1,
-    image_size: int = 16,
-    channels: int = 8,
-    num_classes: int = 10,
-) -> onnx.ModelProto:
+def channels_last_flatten(**kwargs) -> onnx.ModelProto:
     """Conv features flattened channels-last, as tf2onnx exports Keras's ``Conv2D -> Flatten ->
-    Dense``: channel c owns every C-th feature, not a block of H*W.
-
-    Stride-2 conv-bn-relu -> Transpose to NHWC -> Reshape ``[-1, H*W*C]`` -> MatMul with a
-    [H*W*C, K] weight -> Add -> ``logits``.
-    """
-    _check_divisible("channels_last_flatten", image_size, 2)
-    g = _GraphBuilder("channels_last_flatten", opset=opset, seed=seed, batch=batch)
-    x = g.conv_bn_act("input", IN_CHANNELS, channels, 3, stride=2)
-    features = channels * (image_size // 2) ** 2
-    x = g.reshape(g.transpose(x, [0, 2, 3, 1]), [-1, features])
-    g.matmul_add(x, features, num_classes, output="logits")
-    return g.finish(image_size, ["logits"])
+    Dense``: channel c owns every C-th feature, not a block of H*W. :func:`reshape_matmul` with
+    ``channels_last=True``: a Transpose to NHWC before the ``[-1, H*W*C]`` Reshape."""
+    return reshape_matmul(channels_last=True, **kwargs)
 
 
 def unet_like(
