@@ -9,7 +9,6 @@ ICLR 2019), and how a fine-tuned model keeps the zeros of the pruned one.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -18,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import UserError
 from .ir import Model
+from .model_io import write_atomically
 from .sparsity import SparseLayer, sparsifiable_layers, sparsity_of
 
 PathLike = Union[str, os.PathLike]
@@ -35,16 +35,8 @@ def save_masks(masks: Dict[str, np.ndarray], path: PathLike) -> Path:
         raise UserError(f"masks folder '{parent}' does not exist")
     arrays = {f"mask_{i}": np.asarray(mask, dtype=bool) for i, mask in enumerate(masks.values())}
     arrays[_NAMES_KEY] = np.array(list(masks), dtype=str)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    # a file object: np.savez would append ".npz" to a name
+    return write_atomically(path, lambda handle: np.savez_compressed(handle, **arrays), binary=True)
 
 
 def load_masks(path: PathLike) -> Dict[str, np.ndarray]:

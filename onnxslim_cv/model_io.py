@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import IO, Callable, Dict, Optional, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -204,6 +204,30 @@ def _check_emitted(model: Union[onnx.ModelProto, str]) -> None:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise RuntimeError(f"refusing to write an invalid model: {_first_line(exc)}") from exc
+
+
+def write_atomically(path: PathLike, write: Callable[[IO], None], *, binary: bool = False) -> Path:
+    """Call ``write`` on a temp file in ``path``'s folder, then rename it to ``path``: a failed
+    write leaves nothing behind. The file gets the permissions a plain ``open`` would give it
+    (``mkstemp`` makes its files private)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_model(

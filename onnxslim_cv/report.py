@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -398,14 +397,7 @@ def to_json(data: Any) -> str:
 
 def write_json(data: Any, path: os.PathLike) -> None:
     """Atomic like model writes: a failed run never leaves half a report."""
-    path = Path(path)
+    from .model_io import write_atomically
+
     text = to_json(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda handle: handle.write(text + "\n"))

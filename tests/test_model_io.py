@@ -218,3 +218,29 @@ def test_parse_input_shapes():
         parse_input_shapes(["1x3x32x32"], ["a", "b"])
     with pytest.raises(UserError, match="expected NAME"):
         parse_input_shapes(["x:1xax3"], ["x"])
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    from onnxslim_cv.masks import save_masks
+    from onnxslim_cv.report import write_json
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777  # 0o666 less the umask; mkstemp alone gives 0o600
+    write_json({"a": 1}, tmp_path / "report.json")
+    save_masks({"w": np.ones(3, bool)}, tmp_path / "masks.npz")
+    model_io.write_atomically(tmp_path / "raw.bin", lambda handle: handle.write(b"\0"), binary=True)
+    save_model(load_model(models.conv_chain()), tmp_path / "model.onnx")
+    for name in ("report.json", "masks.npz", "raw.bin", "model.onnx"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.npz", "model.onnx", "plain.txt", "raw.bin", "report.json"]
+
+
+def test_a_failed_atomic_write_leaves_nothing(tmp_path):
+    def fail(handle):
+        handle.write("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        model_io.write_atomically(tmp_path / "out.json", fail)
+    assert list(tmp_path.iterdir()) == []
