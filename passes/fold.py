@@ -412,7 +412,7 @@ def fold_dynamic_reshape_shapes(model: Model, report: PassReport) -> int:
                 unknown += 1
         if not target or unknown > 1 or (unknown == 1 and -1 in [v for v in value if isinstance(v, int)]):
             continue
-        node.inputs[1] = gs.Constant(f"{node.name or node.outputs[0].name}_shape", np.array(target, dtype=np.int64))
+        node.inputs[1] = new_constant(model.graph, f"{node.name or node.outputs[0].name}_shape", np.array(target, dtype=np.int64))
         changed += 1
         report.count("dynamic_reshapes_folded")
     return changed

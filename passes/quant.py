@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_cv import activations, runtime
 from onnxslim_cv.errors import UserError
-from onnxslim_cv.graph_utils import name_nodes
+from onnxslim_cv.graph_utils import name_nodes, new_constant
 from onnxslim_cv.ir import Model
 from onnxslim_cv.pipeline import Pass, PassContext, PassOption, PassReport, positive_int, progress_bar, regex, register_pass
 from onnxslim_cv.qdq import (
@@ -455,11 +455,13 @@ def _with_biases(float_model: Model, corrections: Dict[str, np.ndarray]) -> Mode
         node = nodes[name]
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
             bias = node.inputs[2]
-            node.inputs[2] = gs.Constant(bias.name + "_corrected", (bias.values + delta).astype(np.float32))
+            # a new name per layer: exporters (tf2onnx) share one bias tensor between layers
+            corrected = (bias.values + delta).astype(np.float32)
+            node.inputs[2] = new_constant(model.graph, bias.name + "_corrected", corrected)
         else:
             while len(node.inputs) < 2:
                 node.inputs.append(gs.Variable.empty())
-            node.inputs.append(gs.Constant(f"{node.name}_bias_corrected", delta.astype(np.float32)))
+            node.inputs.append(new_constant(model.graph, f"{node.name}_bias_corrected", delta.astype(np.float32)))
     return model
 
 

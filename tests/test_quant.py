@@ -19,7 +19,7 @@ from onnxslim_cv.pipeline import PassContext, make_passes, run_passes
 from onnxslim_cv.testing import models as test_models
 from onnxslim_cv.testing import zoo
 
-from .conftest import assert_one_line_error, sha256, with_scalar_clip_bounds
+from .conftest import assert_one_line_error, graph_model, sha256, with_scalar_clip_bounds
 from .test_qdq import _neighbour_pair_max, _same_sign_pair_max
 
 SAMPLES = 16
@@ -91,6 +91,44 @@ def _int32_biases(proto: onnx.ModelProto):
 
 # ---------------------------------------------------------------------- end to end
 E2E = ["resnet_basic_block", "squeezenet_fire", "detection_head", "mobilenetv2_block (scalar clip)"]
+
+
+def _shared_bias_model() -> onnx.ModelProto:
+    """Two convs reading one bias initializer, as tf2onnx writes equal constants once."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)), ("w3", (4, 8, 1, 1)))]
+    weights.append(numpy_helper.from_array(np.full(8, 0.1, np.float32), "shared_bias"))
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "shared_bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "shared_bias"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["output"], name="conv3"),
+    ]
+    graph = helper.make_graph(nodes, "shared_bias", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    return graph_model(graph)
+
+
+def test_bias_correction_names_each_layers_corrected_bias_apart():
+    from onnxslim_cv.passes.quant import _with_biases
+
+    proto = _shared_bias_model()
+    deltas = {"conv1": np.full(8, 0.5, np.float32), "conv2": np.full(8, -0.25, np.float32)}
+    corrected = _with_biases(Model.from_proto(proto), deltas)
+    biases = {n.name: n.inputs[2] for n in corrected.graph.nodes if n.name in deltas}
+    assert biases["conv1"].name != biases["conv2"].name  # one name each: the exported model keeps both
+    for name, delta in deltas.items():
+        np.testing.assert_allclose(biases[name].values, 0.1 + delta)
+    exported = corrected.to_proto()
+    assert len({i.name for i in exported.graph.initializer}) == len(exported.graph.initializer)
+    onnx.checker.check_model(exported, full_check=True)
+    # and the whole pass on it
+    _, out, report = _quant(proto, output_layers="int8")
+    assert report.changes.get("bias_corrected", 0) >= 2
+    onnx.checker.check_model(out.to_proto(), full_check=True)
+    assert min(_cosines(proto, out)) > 0.99
 
 
 @pytest.mark.parametrize("name", E2E)
